@@ -1,0 +1,29 @@
+"""lightning_prune: structured pruning that physically removes channels, exactly, inside a Lightning run."""
+
+from lightning_prune.errors import PrunerStateError, PruningConfigError, UnsupportedPatternError
+from lightning_prune.fusion import ChannelwiseRule, ElementwiseRule, LayerRule, Rule, register_layer
+from lightning_prune.masks import FakeStructuredSparsity
+from lightning_prune.sparsifier import (
+    BaseStructuredSparsifier,
+    FPGMPruner,
+    LSTMSaliencyPruner,
+    SaliencyPruner,
+    ScoringPruner,
+)
+
+__all__ = [
+    "BaseStructuredSparsifier",
+    "ChannelwiseRule",
+    "ElementwiseRule",
+    "FPGMPruner",
+    "FakeStructuredSparsity",
+    "LSTMSaliencyPruner",
+    "LayerRule",
+    "PrunerStateError",
+    "PruningConfigError",
+    "Rule",
+    "SaliencyPruner",
+    "ScoringPruner",
+    "UnsupportedPatternError",
+    "register_layer",
+]

@@ -1,0 +1,242 @@
+"""Attach the masks that keep the masked model equal to the final one, and later shrink the layers in place.
+
+``fuse`` works in three passes so that it never leaves a model half-modified: it first follows the constant that each
+removed channel still emits (its bias, or ``sigmoid(0)``), then decides every layer's kept channels and the constants
+to fold into the next biases, checking everything, and only then bakes the masks and narrows the modules.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from lightning_prune.errors import UnsupportedPatternError
+from lightning_prune.fusion import rules as R
+from lightning_prune.fusion.graph import ChannelGraph, Flow, Member
+from lightning_prune.masks import (
+    ChannelMask,
+    FakeStructuredSparsity,
+    attach_channel_mask,
+    attach_row_mask,
+    bake_masks,
+    has_masks,
+)
+
+
+def attach_masks(graph: ChannelGraph, prune_bias: dict[str, bool]) -> dict[str, FakeStructuredSparsity]:
+    """Attach a row mask to every configured weight, and the bias/affine masks that silence pruned channels.
+
+    With ``prune_bias`` a pruned channel's bias and the BatchNorm affine after it are masked too; an LSTM's gate
+    biases are always masked with their rows, so a pruned unit's state stays exactly zero.
+    """
+    masks: dict[str, FakeStructuredSparsity] = {}
+    members = [m for root in graph.roots() for m in graph.spaces[root].members]
+    for member in members:
+        masks[member.tensor_fqn] = attach_row_mask(member.module, member.tensor_name)
+    for member in members:
+        rule = R.rule_for(member.module)
+        if isinstance(member.module, nn.LSTM) or prune_bias[member.tensor_fqn]:
+            rows = masks[member.tensor_fqn].mask.numel()
+            for name in rule.bias_names(member.module, member.tensor_name):
+                attach_channel_mask(member.module, name, ChannelMask([([masks[member.tensor_fqn]], rows)]))
+    for _node, module, rule, flow in graph.channelwise:
+        spaces = [graph.space(s.space) for s in flow.segments]
+        if not all(prune_bias[m.tensor_fqn] for sp in spaces for m in sp.members):
+            continue
+        segments = [([masks[m.tensor_fqn] for m in sp.members], sp.size) for sp in spaces]
+        for name in rule.affine_names(module):
+            if not any(m.module is module for sp in spaces for m in sp.members):
+                attach_channel_mask(module, name, ChannelMask(segments))
+    return masks
+
+
+def _member_channels(member: Member) -> torch.Tensor:
+    """A member's kept channels: a channel is kept if any of its rows is."""
+    mask = getattr(member.module.parametrizations, member.tensor_name)[0].mask
+    return mask.reshape(member.rows_per_channel, -1).any(0)
+
+
+def fuse(graph: ChannelGraph) -> list[str]:
+    """Shrink the model in place; returns warnings about approximate parts (already emitted)."""
+    consts, must_keep = _propagate_constants(graph)
+    keep, lstm_plans, notes = _decide(graph, must_keep)
+    folds = _folds(graph, consts, keep)
+    _mutate(graph, keep, lstm_plans, folds)
+    for note in notes:
+        warnings.warn(note, UserWarning, stacklevel=3)
+    return notes
+
+
+def _propagate_constants(graph: ChannelGraph) -> tuple[dict[str, torch.Tensor], dict[int, torch.Tensor]]:
+    """Follow each removed channel's constant through the graph.
+
+    Returns the constant at every node and, per space, the channels that must stay because their constant turns
+    position-dependent (zero padding) on the way.
+    """
+    consts: dict[str, torch.Tensor] = {}
+    must_keep = {r: torch.zeros(graph.spaces[r].size, dtype=torch.bool) for r in graph.roots()}
+    with torch.no_grad():
+        for step in graph.steps:
+            inputs = [consts[name] for name in step.inputs]
+            value, independent = step.fn(*inputs)
+            if not independent:
+                _mark(graph, must_keep, graph.flows[step.node], inputs[0] != 0)
+            consts[step.node] = value.detach().to(torch.float64).reshape(-1)
+        for consumer in graph.consumers:
+            if not consumer.rule.constant_input_is_constant(consumer.module):
+                _mark(graph, must_keep, consumer.flow, consts[consumer.source] != 0)
+    return consts, must_keep
+
+
+def _mark(graph: ChannelGraph, must_keep, flow: Flow, channels: torch.Tensor) -> None:
+    offset = 0
+    for seg in flow.segments:
+        must_keep[graph.find(seg.space)] |= channels[offset:offset + seg.size].cpu()
+        offset += seg.size
+
+
+def _decide(graph: ChannelGraph, must_keep) -> tuple[dict[int, torch.Tensor], dict, list[str]]:
+    keep: dict[int, torch.Tensor] = {}
+    notes: list[str] = []
+    lstms: dict[int, list[int]] = {}
+    for root in graph.roots():
+        space = graph.spaces[root]
+        if space.lstm is not None:
+            lstms.setdefault(id(space.lstm[0]), []).append(root)
+            continue
+        kept = must_keep[root].clone()
+        for member in space.members:
+            kept |= _member_channels(member).cpu()
+        if not kept.any():
+            kept[0] = True  # a layer needs one channel; a zeroed one keeps the model exact
+        keep[root] = kept
+    plans = {}
+    for roots in lstms.values():
+        plan, note = _plan_lstm(graph, roots)
+        plans[id(plan["module"])] = plan
+        for layer, root in enumerate(roots):
+            keep[root] = plan["outputs"][layer]
+        if note:
+            notes.append(note)
+    return keep, plans, notes
+
+
+def _plan_lstm(graph: ChannelGraph, roots: list[int]) -> tuple[dict, str | None]:
+    """Exact when every gate row of a unit is masked together; otherwise torch.ao's per-gate slicing (approximate)."""
+    module = graph.spaces[roots[0]].lstm[0]
+    name = graph.module_names[id(module)]
+    hidden = module.hidden_size
+    gate_masks = []
+    for root in roots:
+        space = graph.spaces[root]
+        by_name = {m.tensor_name.split("_")[1]: m for m in space.members}
+        gate_masks.append({kind: getattr(module.parametrizations, by_name[kind].tensor_name)[0].mask.cpu()
+                           .reshape(4, hidden) for kind in ("ih", "hh")})
+    tied = all((g[kind] == g["ih"][0]).all() for g in gate_masks for kind in ("ih", "hh"))
+    approx_reasons = [r for root in roots for r in graph.spaces[root].approximate]
+    if tied:
+        units = [g["ih"][0].clone() for g in gate_masks]
+        width = max(1, max(int(u.sum()) for u in units))
+        for u in units:  # nn.LSTM needs one hidden size: keep extra (silent, zeroed) units where a layer has fewer
+            for j in (~u).nonzero().flatten()[: width - int(u.sum())]:
+                u[j] = True
+        layers = [{"ih": u.repeat(4), "hh": u.repeat(4), "cols": u} for u in units]
+        note = None
+        if approx_reasons:
+            note = f"Fusion of LSTM '{name}' is approximate: {approx_reasons[0]}."
+        return {"module": module, "layers": layers, "outputs": units}, note
+    counts = {int(g[kind][i].sum()) for g in gate_masks for kind in ("ih", "hh") for i in range(4)}
+    if len(counts) != 1:
+        raise UnsupportedPatternError(
+            f"LSTM '{name}': gate masks keep different numbers of units ({sorted(counts)}); nn.LSTM needs one "
+            "hidden size. Use LSTMSaliencyPruner(tie_gates=True) or prune the same count in every gate."
+        )
+    layers = []
+    for g in gate_masks:
+        hh = g["hh"]
+        layers.append({"ih": g["ih"].reshape(-1), "hh": hh.reshape(-1), "cols": _per_gate_columns(hh)})
+    note = (f"LSTM '{name}' has gate masks that differ between gates or between weight_ih and weight_hh; fusion "
+            "slices each gate by its own mask as torch.ao does, so the pruned LSTM only approximates the masked one. "
+            "Use LSTMSaliencyPruner(tie_gates=True) for an exact result.")
+    return {"module": module, "layers": layers, "outputs": [g["hh"][3] for g in gate_masks]}, note
+
+
+def _per_gate_columns(gate_masks: torch.Tensor):
+    def select(weight: torch.Tensor) -> torch.Tensor:
+        blocks = weight.split(int(gate_masks[0].sum()))
+        return torch.cat([block[:, gate_masks[g]] for g, block in enumerate(blocks)])
+
+    return select
+
+
+def _expand(graph: ChannelGraph, flow: Flow, per_channel: dict[int, torch.Tensor] | torch.Tensor):
+    """Per-feature vector for a consumer's input: each segment's channels, repeated by its flatten block."""
+    parts = []
+    offset = 0
+    for seg in flow.segments:
+        if isinstance(per_channel, dict):
+            part = per_channel[graph.find(seg.space)]
+        else:
+            part = per_channel[offset:offset + seg.size]
+        offset += seg.size
+        parts.append(part.repeat_interleave(seg.block))
+    return torch.cat(parts)
+
+
+def _folds(graph: ChannelGraph, consts, keep) -> dict[int, torch.Tensor]:
+    """The constant each consumer loses with its removed inputs, to add to its bias."""
+    folds = {}
+    with torch.no_grad():
+        for consumer in graph.consumers:
+            kept = _expand(graph, consumer.flow, keep)
+            values = _expand(graph, consumer.flow, consts[consumer.source])
+            removed = (~kept).nonzero().flatten()
+            if removed.numel() and values[removed].abs().max() > 0:
+                removed = removed.to(_device(consumer.module))
+                folds[id(consumer.module)] = consumer.rule.fold(
+                    consumer.module, removed, values[removed.cpu()].to(_device(consumer.module))
+                ).detach()
+    return folds
+
+
+def _device(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def _index(mask: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    return mask.nonzero().flatten().to(_device(module))
+
+
+def _mutate(graph: ChannelGraph, keep, lstm_plans, folds) -> None:
+    for module in graph.model.modules():
+        if has_masks(module):
+            bake_masks(module)
+    out_rows: dict[int, torch.Tensor] = {}
+    for module, rule, root in graph.producers:
+        kept = keep[graph.find(root)]
+        rule.slice_out(module, _index(kept, module))
+        out_rows[id(module)] = kept
+    for plan in lstm_plans.values():
+        module, rule = plan["module"], R.rule_for(plan["module"])
+        for layer, spec in enumerate(plan["layers"]):
+            rule.slice_units(module, layer, _index(spec["ih"], module), _index(spec["hh"], module),
+                             spec["cols"] if callable(spec["cols"]) else _index(spec["cols"], module))
+            if layer:
+                rule.slice_layer_input(module, layer, _index(plan["outputs"][layer - 1], module))
+        out_rows[id(module)] = plan["layers"][0]["ih"]
+        rule.sync(module)
+    for _node, module, rule, flow in graph.channelwise:
+        rule.slice_channels(module, _index(_expand(graph, flow, keep), module))
+    for module, flow in graph.norms:
+        R.rule_for(module).slice_channels(module, _index(_expand(graph, flow, keep), module))
+    for consumer in graph.consumers:
+        module, rule = consumer.module, consumer.rule
+        rule.slice_in(module, _index(_expand(graph, consumer.flow, keep), module))
+        delta = folds.get(id(module))
+        if delta is not None:
+            rows = out_rows.get(id(module))
+            rule.add_to_bias(module, delta if rows is None else delta[_index(rows, module)])
+        if isinstance(module, nn.LSTM):
+            rule.sync(module)

@@ -1,0 +1,97 @@
+"""Channel masks as parametrizations: the one primitive that both the sparsifier and fusion use.
+
+A weight gets a :class:`FakeStructuredSparsity` that zeroes whole rows (output channels). Tensors that must fall
+silent with those rows, such as the layer's bias or the BatchNorm affine after it, get a :class:`ChannelMask` that
+reads the same masks, so a masked channel contributes nothing downstream while every parameter keeps training.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+
+class FakeStructuredSparsity(nn.Module):
+    """Zeroes the rows of a weight whose entry in ``mask`` (a bool vector, one per row) is False.
+
+    The mask is a persistent buffer, so it is part of the model's ``state_dict``.
+    """
+
+    def __init__(self, mask: torch.Tensor):
+        super().__init__()
+        self.register_buffer("mask", mask)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.mask.reshape((-1,) + (1,) * (x.dim() - 1))
+
+
+class ChannelMask(nn.Module):
+    """Masks a per-channel tensor (a bias, a norm's affine) with masks owned elsewhere.
+
+    The channel dimension may be made of segments (a concat), each kept where any of its sources keeps it; a segment
+    without sources is always kept. The sources are referenced, not registered, so the masks are stored once.
+    """
+
+    def __init__(self, segments: Sequence[tuple[Sequence[FakeStructuredSparsity], int]]):
+        super().__init__()
+        object.__setattr__(self, "_segments", [(list(sources), size) for sources, size in segments])
+
+    def channel_mask(self, device: torch.device) -> torch.Tensor:
+        parts = []
+        for sources, size in self._segments:
+            keep = torch.ones(size, dtype=torch.bool, device=device)
+            if sources:
+                keep = sources[0].mask.to(device)
+                for source in sources[1:]:
+                    keep = keep | source.mask.to(device)
+            parts.append(keep)
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.channel_mask(x.device)
+
+
+def row_mask(module: nn.Module, tensor_name: str) -> FakeStructuredSparsity | None:
+    """The row-mask parametrization on ``module.<tensor_name>``, or None."""
+    if not parametrize.is_parametrized(module, tensor_name):
+        return None
+    for p in module.parametrizations[tensor_name]:
+        if isinstance(p, FakeStructuredSparsity):
+            return p
+    return None
+
+
+def attach_row_mask(module: nn.Module, tensor_name: str) -> FakeStructuredSparsity:
+    """Attach an all-True row mask to ``module.<tensor_name>`` and return it."""
+    tensor = getattr(module, tensor_name)
+    mask = torch.ones(tensor.shape[0], dtype=torch.bool, device=tensor.device)
+    parametrization = FakeStructuredSparsity(mask)
+    parametrize.register_parametrization(module, tensor_name, parametrization)
+    return parametrization
+
+
+def attach_channel_mask(module: nn.Module, tensor_name: str, mask: ChannelMask) -> None:
+    """Mask a 1-D tensor (bias, affine) of ``module`` with masks owned by other parametrizations."""
+    if getattr(module, tensor_name, None) is not None:
+        parametrize.register_parametrization(module, tensor_name, mask)
+
+
+def bake_masks(module: nn.Module) -> None:
+    """Remove every mask from ``module``, leaving the masked values as plain parameters."""
+    if not parametrize.is_parametrized(module):
+        return
+    for name in list(module.parametrizations.keys()):
+        if any(isinstance(p, (FakeStructuredSparsity, ChannelMask)) for p in module.parametrizations[name]):
+            with torch.no_grad():
+                parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+
+
+def has_masks(module: nn.Module) -> bool:
+    return parametrize.is_parametrized(module) and any(
+        isinstance(p, (FakeStructuredSparsity, ChannelMask))
+        for plist in module.parametrizations.values()
+        for p in plist
+    )

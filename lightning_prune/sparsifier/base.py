@@ -1,0 +1,220 @@
+"""The seed's structured-sparsifier API: prepare(), step(), prune(), with groups and state.
+
+``prepare`` validates the configuration, traces the model and refuses what fusion cannot honour before any mask is
+attached; ``step`` updates the masks; ``prune`` narrows the same model object in place.
+"""
+
+from __future__ import annotations
+
+import abc
+import copy
+import difflib
+import numbers
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_prune.errors import PrunerStateError, PruningConfigError, UnsupportedPatternError
+from lightning_prune.fusion import rules as R
+from lightning_prune.fusion.apply import attach_masks, fuse
+from lightning_prune.fusion.graph import ChannelGraph, Member, blocked_tensors, trace
+from lightning_prune.masks import has_masks
+
+DEFAULTS = {"sparsity_level": 0.5, "prune_bias": True}
+_RESERVED = ("module", "module_fqn", "tensor_name", "tensor_fqn")
+
+
+def check_sparsity(value: Any, where: str) -> None:
+    """Raise unless ``value`` is a number in [0, 1)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < 1:
+        raise PruningConfigError(f"{where}: sparsity_level must be a number in [0, 1), got {value!r}")
+
+
+class BaseStructuredSparsifier(abc.ABC):
+    """Prunes whole output channels (rows) of the configured weights; subclasses decide which in ``update_mask``.
+
+    Args:
+        defaults: hyper-parameters merged into every group (``sparsity_level``, ``prune_bias``, anything a
+            custom ``update_mask`` reads). Keyword arguments are merged on top, so configs can say
+            ``SaliencyPruner(sparsity_level=0.5)``.
+    """
+
+    def __init__(self, defaults: dict[str, Any] | None = None, **kwargs: Any):
+        if defaults is not None and not isinstance(defaults, dict):
+            raise PruningConfigError(f"defaults must be a dict or None, got {type(defaults).__name__}")
+        self.defaults = {**DEFAULTS, **(defaults or {}), **kwargs}
+        check_sparsity(self.defaults["sparsity_level"], type(self).__name__)
+        self.groups: list[dict[str, Any]] = []
+        self.state: dict[str, dict[str, Any]] = {}
+        self.enable_mask_update = True
+        self.model: nn.Module | None = None
+        self.graph: ChannelGraph | None = None
+        self.pruned = False
+
+    @abc.abstractmethod
+    def update_mask(self, module: nn.Module, tensor_name: str, **kwargs: Any) -> None:
+        """Set ``module.parametrizations[tensor_name][0].mask`` (one bool per row) for this group."""
+
+    # -- prepare ------------------------------------------------------------------------------------------------
+    def prepare(self, model: nn.Module, config: list[dict[str, Any]] | None) -> None:
+        """Check ``config`` against ``model``, trace it, and attach masks; the model is untouched on error."""
+        if not isinstance(model, nn.Module):
+            raise PruningConfigError(f"prepare() needs an nn.Module, got {type(model).__name__}")
+        if self.model is not None and not self.pruned:
+            raise PrunerStateError("this pruner is already prepared; create a new pruner for another model")
+        if has_masks_anywhere(model):
+            raise PruningConfigError("the model already carries pruning masks; prepare a fresh copy of the model")
+        explicit = config is not None
+        groups = self._groups_from_config(model, config) if explicit else self._groups_for_all(model)
+        fx_graph = trace(model)
+        while True:
+            configured = {g["tensor_fqn"]: (g["module"], g["tensor_name"]) for g in groups}
+            graph = ChannelGraph(model, fx_graph, configured)
+            blocked = blocked_tensors(graph)
+            if not blocked:
+                break
+            if explicit:
+                fqn, reason = next(iter(blocked.items()))
+                raise UnsupportedPatternError(f"cannot prune '{fqn}' exactly: {reason}")
+            groups = [g for g in groups if g["tensor_fqn"] not in blocked]
+        masks = attach_masks(graph, {g["tensor_fqn"]: bool(g["prune_bias"]) for g in groups})
+        self.groups = groups
+        self.state = {fqn: {"mask": parametrization.mask} for fqn, parametrization in masks.items()}
+        self.model, self.graph, self.pruned = model, graph, False
+
+    def _groups_from_config(self, model: nn.Module, config: Any) -> list[dict[str, Any]]:
+        if not isinstance(config, (list, tuple)):
+            raise PruningConfigError(f"config must be a list of {{'tensor_fqn': ...}} dicts or None, got {config!r}")
+        groups, seen = [], set()
+        for entry in config:
+            if not isinstance(entry, dict) or not isinstance(entry.get("tensor_fqn"), str):
+                raise PruningConfigError(f"each config entry needs a 'tensor_fqn' string, got {entry!r}")
+            fqn = entry["tensor_fqn"]
+            if fqn in seen:
+                raise PruningConfigError(f"tensor_fqn '{fqn}' is configured twice")
+            seen.add(fqn)
+            module, module_fqn, tensor_name = _resolve(model, fqn)
+            group = {**self.defaults, **{k: v for k, v in entry.items() if k not in _RESERVED}}
+            check_sparsity(group["sparsity_level"], f"tensor '{fqn}'")
+            groups.append({**group, "module": module, "module_fqn": module_fqn, "tensor_name": tensor_name,
+                           "tensor_fqn": fqn})
+        return groups
+
+    def _groups_for_all(self, model: nn.Module) -> list[dict[str, Any]]:
+        groups = []
+        for module_fqn, module in model.named_modules():
+            rule = R.rule_for(module)
+            if not isinstance(rule, R.LayerRule):
+                continue
+            for tensor_name in rule.prunable_tensors(module):
+                fqn = f"{module_fqn}.{tensor_name}" if module_fqn else tensor_name
+                groups.append({**self.defaults, "module": module, "module_fqn": module_fqn,
+                               "tensor_name": tensor_name, "tensor_fqn": fqn})
+        return groups
+
+    # -- step ---------------------------------------------------------------------------------------------------
+    def step(self) -> None:
+        """Update every group's mask (when ``enable_mask_update``)."""
+        self._require_prepared("step()")
+        if not self.enable_mask_update:
+            return
+        with torch.no_grad():
+            self.update_masks()
+        for group in self.groups:  # a custom update_mask may rebind the buffer rather than edit it
+            self.state[group["tensor_fqn"]]["mask"] = _mask_of(group)
+
+    def update_masks(self) -> None:
+        """One mask update of all groups; built-in pruners decide coupled tensors together."""
+        for group in self.groups:
+            self.update_mask(**group)
+
+    def coupled_sets(self) -> list[list[tuple[dict[str, Any], Member]]]:
+        """Groups whose channels must stay the same (residual streams, depthwise blocks, an LSTM layer)."""
+        by_fqn = {g["tensor_fqn"]: g for g in self.groups}
+        return [[(by_fqn[m.tensor_fqn], m) for m in self.graph.spaces[root].members]
+                for root in self.graph.roots() if self.graph.spaces[root].members]
+
+    # -- prune --------------------------------------------------------------------------------------------------
+    def prune(self) -> nn.Module:
+        """Remove the masked channels for real; returns the same model object, narrowed in place."""
+        self._require_prepared("prune()")
+        fuse(self.graph)
+        self.pruned = True
+        return self.model
+
+    def _require_prepared(self, what: str) -> None:
+        if self.model is None:
+            raise PrunerStateError(f"{what} called before prepare(model, config)")
+        if self.pruned:
+            raise PrunerStateError(f"{what} called after prune(); the masks are gone. prepare() the model again")
+
+    # -- state --------------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "state": {fqn: {"mask": s["mask"].detach().clone()} for fqn, s in self.state.items()},
+            "groups": [{k: copy.deepcopy(v) for k, v in g.items() if k != "module"} for g in self.groups],
+            "pruned": self.pruned,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore masks and group hyper-parameters into the prepared model's existing mask buffers."""
+        self._require_prepared("load_state_dict()")
+        unknown = set(state_dict.get("state", {})) - set(self.state)
+        if unknown:
+            raise PruningConfigError(f"state holds masks for tensors this pruner does not prune: {sorted(unknown)}")
+        with torch.no_grad():
+            for fqn, entry in state_dict.get("state", {}).items():
+                target = self.state[fqn]["mask"]
+                if entry["mask"].shape != target.shape:
+                    raise PruningConfigError(f"mask for '{fqn}' has shape {tuple(entry['mask'].shape)}, "
+                                             f"expected {tuple(target.shape)}")
+                target.copy_(entry["mask"])
+        saved = {g["tensor_fqn"]: g for g in state_dict.get("groups", [])}
+        for group in self.groups:
+            for key, value in saved.get(group["tensor_fqn"], {}).items():
+                if key not in _RESERVED:
+                    group[key] = value
+
+    def __repr__(self) -> str:
+        lines = [f"{type(self).__name__} ("]
+        for group in self.groups:
+            params = {k: v for k, v in group.items() if k not in _RESERVED}
+            lines.append(f"    {group['tensor_fqn']}: {params}")
+        return "\n".join(lines + [")"])
+
+
+def _mask_of(group: dict[str, Any]) -> torch.Tensor:
+    return getattr(group["module"].parametrizations, group["tensor_name"])[0].mask
+
+
+def has_masks_anywhere(model: nn.Module) -> bool:
+    return any(has_masks(m) for m in model.modules())
+
+
+def _resolve(model: nn.Module, fqn: str) -> tuple[nn.Module, str, str]:
+    """The module, its fqn and the tensor name of ``fqn``, with a clear error naming close valid names."""
+    module_fqn, _, tensor_name = fqn.rpartition(".")
+    names = [n for n, p in model.named_parameters() if p.dim() >= 2]
+    try:
+        module = model.get_submodule(module_fqn)
+        tensor = getattr(module, tensor_name)
+    except AttributeError:
+        close = difflib.get_close_matches(fqn, names, n=3, cutoff=0.4) or names[:3]
+        raise PruningConfigError(
+            f"unknown tensor_fqn '{fqn}'; closest weights in {type(model).__name__}: {', '.join(close)}"
+        ) from None
+    if not isinstance(tensor, torch.Tensor):
+        raise PruningConfigError(f"tensor_fqn '{fqn}' is not a tensor but {type(tensor).__name__}")
+    if tensor.dim() < 2:
+        raise PruningConfigError(
+            f"tensor_fqn '{fqn}' is {tensor.dim()}-D; structured pruning removes rows of weights with 2 or more dims "
+            f"(for example '{module_fqn + '.weight' if module_fqn else 'weight'}')"
+        )
+    rule = R.rule_for(module)
+    if not isinstance(rule, R.LayerRule) or tensor_name not in rule.prunable_tensors(module):
+        raise PruningConfigError(
+            f"tensor_fqn '{fqn}' belongs to {type(module).__name__}, whose output channels fusion cannot remove; "
+            "supported: Linear, ConvNd and LSTM weights, or layers registered with lightning_prune.register_layer"
+        )
+    return module, module_fqn, tensor_name

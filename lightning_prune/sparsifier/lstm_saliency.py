@@ -1,0 +1,43 @@
+"""Saliency pruning for LSTMs, whose weights pack four gate blocks of rows per hidden unit."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_prune.sparsifier.saliency import SaliencyPruner
+
+
+class LSTMSaliencyPruner(SaliencyPruner):
+    """Prunes LSTM rows by L1 saliency.
+
+    Args:
+        tie_gates: decide per hidden unit, with a layer's ``weight_ih`` and ``weight_hh`` together, so a unit loses
+            all its gate rows at once and fusion is exact. The default (False) keeps torch.ao's result: each gate
+            block of each tensor is pruned on its own, which fusion can only approximate (it warns).
+    """
+
+    def __init__(self, defaults: dict[str, Any] | None = None, tie_gates: bool = False, **kwargs: Any):
+        super().__init__(defaults, **kwargs)
+        self.tie_gates = bool(tie_gates)
+
+    def update_masks(self) -> None:
+        if self.tie_gates:
+            super().update_masks()
+        else:
+            for group in self.groups:
+                self.update_mask(**group)
+
+    def update_mask(self, module: nn.Module, tensor_name: str, sparsity_level: float, **kwargs: Any) -> None:
+        if not isinstance(module, nn.LSTM):
+            super().update_mask(module, tensor_name, sparsity_level, **kwargs)
+            return
+        mask = getattr(module.parametrizations, tensor_name)[0].mask
+        saliency = self.row_scores(getattr(module, tensor_name).detach()).masked_fill(~mask, float("-inf"))
+        gates_keep = torch.ones_like(mask).reshape(4, -1)
+        for gate, scores in enumerate(saliency.reshape(4, -1)):
+            k = self.num_to_prune(scores.numel(), sparsity_level)
+            gates_keep[gate, scores.topk(k, largest=False).indices] = False
+        mask.copy_(gates_keep.reshape(-1))

@@ -1,0 +1,61 @@
+"""Pruners that score channels, so coupled tensors can be decided together."""
+
+from __future__ import annotations
+
+import abc
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_prune.fusion.graph import Member
+from lightning_prune.sparsifier.base import BaseStructuredSparsifier
+
+
+class ScoringPruner(BaseStructuredSparsifier):
+    """Prunes the lowest-scoring channels. Tensors whose channels are coupled (a residual stream, a depthwise block,
+    an LSTM layer's two weights) get one combined score, so the same channels go in every member.
+
+    Channels pruned earlier score lowest, so a rising schedule only ever adds to the pruned set.
+    """
+
+    @abc.abstractmethod
+    def row_scores(self, weight: torch.Tensor) -> torch.Tensor:
+        """One importance score per row of ``weight`` (higher is kept)."""
+
+    def num_to_prune(self, channels: int, sparsity_level: float) -> int:
+        return int(channels * sparsity_level)
+
+    def update_mask(self, module: nn.Module, tensor_name: str, sparsity_level: float, **kwargs: Any) -> None:
+        member = Member(module, tensor_name, kwargs.get("tensor_fqn", tensor_name), rows_per_channel=1)
+        self.decide([member], sparsity_level)
+
+    def update_masks(self) -> None:
+        for coupled in self.coupled_sets():
+            level = max(group["sparsity_level"] for group, _ in coupled)
+            self.decide([member for _, member in coupled], level)
+
+    def channel_scores(self, members: list[Member]) -> torch.Tensor:
+        """Sum of each member's scores, each scaled to mean 1 so layers of different magnitude weigh the same."""
+        total = None
+        for member in members:
+            weight = getattr(member.module, member.tensor_name).detach()
+            scores = self.row_scores(weight).reshape(member.rows_per_channel, -1).sum(0).float()
+            scores = scores / scores.abs().mean().clamp_min(torch.finfo(scores.dtype).tiny)
+            total = scores if total is None else total + scores
+        return total
+
+    def decide(self, members: list[Member], sparsity_level: float) -> None:
+        """Mask the ``sparsity_level`` lowest-scoring channels in every member."""
+        masks = [getattr(m.module.parametrizations, m.tensor_name)[0].mask for m in members]
+        scores = self.channel_scores(members)
+        kept_before = torch.zeros_like(scores, dtype=torch.bool)
+        for m, mask in zip(members, masks, strict=True):
+            kept_before |= mask.reshape(m.rows_per_channel, -1).any(0)
+        scores = scores.masked_fill(~kept_before, float("-inf"))
+        channels = scores.numel()
+        k = min(max(self.num_to_prune(channels, sparsity_level), 0), channels)
+        keep = torch.ones(channels, dtype=torch.bool, device=scores.device)
+        keep[scores.topk(k, largest=False).indices] = False
+        for m, mask in zip(members, masks, strict=True):
+            mask.copy_(keep.repeat(m.rows_per_channel).to(mask.device))
