@@ -1,5 +1,7 @@
 """lightning_prune: structured pruning that physically removes channels, exactly, inside a Lightning run."""
 
+from lightning_prune.callback import StructuredPruning
+from lightning_prune.checkpoint import load_pruned, narrow_to_state_dict
 from lightning_prune.errors import PrunerStateError, PruningConfigError, UnsupportedPatternError
 from lightning_prune.fusion import ChannelwiseRule, ElementwiseRule, LayerRule, Rule, register_layer
 from lightning_prune.masks import FakeStructuredSparsity
@@ -25,5 +27,8 @@ __all__ = [
     "SaliencyPruner",
     "ScoringPruner",
     "UnsupportedPatternError",
+    "StructuredPruning",
+    "load_pruned",
+    "narrow_to_state_dict",
     "register_layer",
 ]

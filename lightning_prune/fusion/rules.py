@@ -169,6 +169,9 @@ class ConvRule(LayerRule):
         self.sync(module)
 
     def sync(self, module):
+        if module.groups > 1 and module.groups == module.in_channels == module.out_channels:
+            DEPTHWISE.sync(module)
+            return
         module.out_channels = module.weight.shape[0]
         module.in_channels = module.weight.shape[1] * module.groups
 

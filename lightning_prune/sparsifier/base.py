@@ -10,6 +10,7 @@ import abc
 import copy
 import difflib
 import numbers
+import re
 from typing import Any
 
 import torch
@@ -57,8 +58,22 @@ class BaseStructuredSparsifier(abc.ABC):
         """Set ``module.parametrizations[tensor_name][0].mask`` (one bool per row) for this group."""
 
     # -- prepare ------------------------------------------------------------------------------------------------
-    def prepare(self, model: nn.Module, config: list[dict[str, Any]] | None) -> None:
-        """Check ``config`` against ``model``, trace it, and attach masks; the model is untouched on error."""
+    def prepare(
+        self,
+        model: nn.Module,
+        config: list[dict[str, Any]] | None,
+        *,
+        include: list[str] | None = None,
+        exclude: list[str] | None = None,
+        exclude_output: bool = False,
+    ) -> None:
+        """Check ``config`` against ``model``, trace it, and attach masks; the model is untouched on error.
+
+        ``config=None`` takes every supported weight (Linear, ConvNd, LSTM) whose channels fusion can remove
+        exactly, optionally narrowed by ``include``/``exclude`` regexes over tensor FQNs and, with
+        ``exclude_output``, leaving out layers whose channels reach the model's output (a classifier keeps its
+        classes). An explicit ``config`` is honoured exactly or refused.
+        """
         if not isinstance(model, nn.Module):
             raise PruningConfigError(f"prepare() needs an nn.Module, got {type(model).__name__}")
         if self.model is not None and not self.pruned:
@@ -66,18 +81,24 @@ class BaseStructuredSparsifier(abc.ABC):
         if has_masks_anywhere(model):
             raise PruningConfigError("the model already carries pruning masks; prepare a fresh copy of the model")
         explicit = config is not None
-        groups = self._groups_from_config(model, config) if explicit else self._groups_for_all(model)
+        if explicit:
+            groups = self._groups_from_config(model, config)
+        else:
+            groups = _filter_fqns(self._groups_for_all(model), include, exclude)
         fx_graph = trace(model)
         while True:
             configured = {g["tensor_fqn"]: (g["module"], g["tensor_name"]) for g in groups}
             graph = ChannelGraph(model, fx_graph, configured)
-            blocked = blocked_tensors(graph)
-            if not blocked:
-                break
-            if explicit:
-                fqn, reason = next(iter(blocked.items()))
+            dropped = blocked_tensors(graph)
+            if dropped and explicit:
+                fqn, reason = next(iter(dropped.items()))
                 raise UnsupportedPatternError(f"cannot prune '{fqn}' exactly: {reason}")
-            groups = [g for g in groups if g["tensor_fqn"] not in blocked]
+            if exclude_output and not explicit:
+                dropped.update({m.tensor_fqn: "reaches the output" for r in graph.roots()
+                                if graph.spaces[r].reaches_output for m in graph.spaces[r].members})
+            if not dropped:
+                break
+            groups = [g for g in groups if g["tensor_fqn"] not in dropped]
         masks = attach_masks(graph, {g["tensor_fqn"]: bool(g["prune_bias"]) for g in groups})
         self.groups = groups
         self.state = {fqn: {"mask": parametrization.mask} for fqn, parametrization in masks.items()}
@@ -182,6 +203,21 @@ class BaseStructuredSparsifier(abc.ABC):
             params = {k: v for k, v in group.items() if k not in _RESERVED}
             lines.append(f"    {group['tensor_fqn']}: {params}")
         return "\n".join(lines + [")"])
+
+
+def _filter_fqns(groups: list[dict[str, Any]], include: list[str] | None, exclude: list[str] | None):
+    """Keep the groups whose tensor FQN matches an ``include`` regex (all if None) and no ``exclude`` regex."""
+    patterns = {}
+    for pattern in (include or []) + (exclude or []):
+        try:
+            patterns[pattern] = re.compile(pattern)
+        except re.error as exc:
+            raise PruningConfigError(f"include/exclude pattern {pattern!r} is not a valid regex: {exc}") from None
+    return [
+        g for g in groups
+        if (include is None or any(patterns[p].search(g["tensor_fqn"]) for p in include))
+        and not any(patterns[p].search(g["tensor_fqn"]) for p in exclude or [])
+    ]
 
 
 def _mask_of(group: dict[str, Any]) -> torch.Tensor:

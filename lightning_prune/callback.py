@@ -1,0 +1,268 @@
+"""StructuredPruning: masks at setup, a pruning schedule during training, physical removal at the end of fit."""
+
+from __future__ import annotations
+
+import re
+import warnings
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
+
+from lightning_prune.checkpoint import narrow_to_state_dict, strip_masks
+from lightning_prune.errors import PruningConfigError
+from lightning_prune.masks import has_masks
+from lightning_prune.measure import count_macs, count_params, layer_widths
+from lightning_prune.schedule import SCHEDULES, sparsity_at, validate_schedule
+from lightning_prune.sparsifier import BaseStructuredSparsifier
+
+_SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy")
+
+
+class StructuredPruning(Callback):
+    """Prune whole channels during ``fit`` and shrink the LightningModule in place when fit ends.
+
+    Args:
+        pruner: any :class:`BaseStructuredSparsifier`; its ``sparsity_level`` is the target the schedule reaches.
+        config: ``[{"tensor_fqn": ...}, ...]`` relative to the LightningModule, honoured exactly or refused at
+            ``setup``. ``None`` takes every supported layer except those whose channels reach the model output.
+        schedule: ``"oneshot"`` (the target at ``start_step``), ``"linear"`` or ``"cubic"`` (Zhu & Gupta 2017).
+        start_step, end_step, every_n_steps: in optimizer steps; ``end_step=None`` is the end of training.
+        prune_on_fit_end: run the fusion pass when training ends (before the final ``last.ckpt`` is rewritten).
+        verify: compare the masked and the pruned model on a batch held from training; raise if they differ.
+        include, exclude: regexes over tensor FQNs that narrow ``config=None``.
+    """
+
+    def __init__(
+        self,
+        pruner: BaseStructuredSparsifier,
+        config: list[dict[str, Any]] | None = None,
+        schedule: str = "oneshot",
+        start_step: int = 0,
+        end_step: int | None = None,
+        every_n_steps: int = 1,
+        prune_on_fit_end: bool = True,
+        verify: bool = True,
+        include: list[str] | None = None,
+        exclude: list[str] | None = None,
+    ):
+        if not isinstance(pruner, BaseStructuredSparsifier):
+            raise PruningConfigError(
+                f"pruner must be a BaseStructuredSparsifier (e.g. SaliencyPruner(sparsity_level=0.5)), got {pruner!r}"
+            )
+        if schedule not in SCHEDULES:
+            raise PruningConfigError(f"unknown schedule {schedule!r}; choose one of {sorted(SCHEDULES)}")
+        validate_schedule(schedule, pruner.defaults["sparsity_level"], start_step, end_step, every_n_steps)
+        if config is not None and (include is not None or exclude is not None):
+            raise PruningConfigError("give either config (explicit tensors) or include/exclude patterns, not both")
+        for pattern in (include or []) + (exclude or []):
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise PruningConfigError(f"include/exclude pattern {pattern!r} is not a valid regex: {exc}") from None
+        self.pruner = pruner
+        self.config = None if config is None else [dict(entry) for entry in config]
+        self.schedule = schedule
+        self.start_step, self.end_step, self.every_n_steps = start_step, end_step, every_n_steps
+        self.prune_on_fit_end, self.verify = prune_on_fit_end, verify
+        self.include, self.exclude = include, exclude
+        self.fused = False
+        self.applied_step = -1
+        self._targets: dict[str, float] = {}
+        self._resolved_end: int | None = end_step
+        self._held_input: Any = None
+        self._hook = None
+
+    # -- setup --------------------------------------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        strategy = type(trainer.strategy).__name__
+        if strategy in _SHARDED_STRATEGIES:
+            raise PruningConfigError(
+                f"StructuredPruning does not support {strategy}: it shards parameters, so masks and fusion cannot see "
+                "whole weights. Supported: single-device and DDP strategies (ddp, ddp_spawn, ddp_find_unused...)."
+            )
+        if self._hook is None:
+            self._hook = pl_module.register_load_state_dict_pre_hook(self._before_load)
+        if self.fused or self.pruner.model is not None:
+            return  # a second fit() continues with the same masks, or with the already narrowed model
+        self.pruner.prepare(pl_module, self.config, include=self.include, exclude=self.exclude,
+                            exclude_output=self.config is None)
+        if not self.pruner.groups:
+            rank_zero_warn("StructuredPruning found no prunable layer; training continues dense")
+        self._targets = {g["tensor_fqn"]: g["sparsity_level"] for g in self.pruner.groups}
+        for group in self.pruner.groups:
+            group["sparsity_level"] = 0.0  # nothing is pruned until the schedule says so
+        rank_zero_info(f"StructuredPruning: masking {len(self.pruner.groups)} tensors "
+                       f"({', '.join(self._targets) or 'none'})")
+
+    def _before_load(self, module, state_dict, prefix, *args) -> None:
+        """A checkpoint written after fusion is narrower and mask-free: shape the model like it before loading."""
+        fused_checkpoint = not any(".parametrizations." in key for key in state_dict)
+        if fused_checkpoint and any(has_masks(m) for m in module.modules()):
+            strip_masks(module)
+            self.fused = True
+        if fused_checkpoint:
+            narrow_to_state_dict(module, state_dict, prefix)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.end_step is None and self.schedule != "oneshot":
+            self._resolved_end = max(int(trainer.estimated_stepping_batches), self.start_step + 1)
+
+    # -- the schedule -------------------------------------------------------------------------------------------
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._held_input is None:
+            self._held_input = _model_input(batch)
+        step = trainer.global_step
+        if self.fused or not self.pruner.groups or step == self.applied_step:
+            return
+        self.applied_step = step
+        if self._apply(trainer, step):
+            pl_module.log("pruning/sparsity", self.sparsity(), rank_zero_only=True)
+
+    def _levels(self, step: int | None) -> dict[str, float]:
+        """Each group's level at ``step`` (None: the final target)."""
+        if step is None:
+            return dict(self._targets)
+        return {fqn: sparsity_at(self.schedule, step, target, self.start_step, self._resolved_end,
+                                 self.every_n_steps) for fqn, target in self._targets.items()}
+
+    def _apply(self, trainer: pl.Trainer, step: int | None) -> bool:
+        """Set the groups' levels for ``step``; step the pruner and share rank 0's masks if any level changed."""
+        levels = self._levels(step)
+        if all(g["sparsity_level"] == levels[g["tensor_fqn"]] for g in self.pruner.groups):
+            return False
+        for group in self.pruner.groups:
+            group["sparsity_level"] = levels[group["tensor_fqn"]]
+        self.pruner.step()
+        self._broadcast_masks(trainer)
+        return True
+
+    def _broadcast_masks(self, trainer: pl.Trainer) -> None:
+        if trainer.world_size <= 1:
+            return
+        masks = {fqn: state["mask"].cpu() for fqn, state in self.pruner.state.items()}
+        masks = trainer.strategy.broadcast(masks, src=0)
+        with torch.no_grad():
+            for fqn, mask in masks.items():
+                target = self.pruner.state[fqn]["mask"]
+                target.copy_(mask.to(target.device))
+
+    def sparsity(self) -> float:
+        """Fraction of the configured channels that are masked now."""
+        total = sum(s["mask"].numel() for s in self.pruner.state.values())
+        pruned = sum(int((~s["mask"]).sum()) for s in self.pruner.state.values())
+        return pruned / total if total else 0.0
+
+    # -- fusion -------------------------------------------------------------------------------------------------
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.fused or not self.prune_on_fit_end or not self.pruner.groups:
+            return
+        self._apply(trainer, None)  # whatever stopped training early, the target is reached before fusion
+        self.fuse(trainer, pl_module)
+        for callback in trainer.checkpoint_callbacks:
+            if isinstance(callback, ModelCheckpoint) and callback.last_model_path:
+                trainer.save_checkpoint(callback.last_model_path)
+
+    def fuse(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Remove the masked channels in place, check the result, and report what changed."""
+        example = _to_device(self._held_input, pl_module.device)
+        widths_before = layer_widths(pl_module)
+        sparsity = self.sparsity()
+        was_training = pl_module.training
+        pl_module.eval()
+        with torch.no_grad():
+            expected = pl_module(example) if example is not None else None
+            before = _measure(pl_module, example)
+            notes = self._fuse_quietly()
+            actual = pl_module(example) if example is not None else None
+            after = _measure(pl_module, example)
+        pl_module.train(was_training)
+        self.fused = True
+        if self.verify:
+            self._verify(expected, actual, notes)
+        widths_after = layer_widths(pl_module)
+        metrics = {"pruning/sparsity": sparsity, "pruning/params_before": before[0], "pruning/params": after[0]}
+        if before[1] is not None:
+            metrics.update({"pruning/macs_before": before[1], "pruning/macs": after[1]})
+        _log_metrics(trainer, metrics)
+        rank_zero_info(_summary(widths_before, widths_after, before, after))
+
+    def _fuse_quietly(self) -> list[str]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            self.pruner.prune()
+        notes = [str(w.message) for w in caught]
+        for note in notes:
+            rank_zero_warn(note)
+        return notes
+
+    def _verify(self, expected, actual, notes: list[str]) -> None:
+        if expected is None:
+            rank_zero_warn("StructuredPruning(verify=True) held no tensor batch to compare; skipped the check")
+            return
+        if not isinstance(expected, torch.Tensor) or expected.shape != actual.shape:
+            rank_zero_warn("the pruned model's output has another shape than the masked one (an output layer was "
+                           "configured); verification skipped")
+            return
+        diff = (expected.float() - actual.float()).abs().max().item()
+        bound = 1e-5 * max(1.0, expected.float().abs().max().item())
+        if diff > bound:
+            message = f"pruned output differs from the masked output by {diff:.3g} (bound {bound:.3g})"
+            if notes:
+                rank_zero_warn(message + " (expected: fusion was approximate)")
+            else:
+                raise RuntimeError(message + "; please report this model structure as a lightning_prune bug")
+
+    # -- checkpointing ------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "applied_step": self.applied_step,
+            "fused": self.fused,
+            "targets": dict(self._targets),
+            "levels": {g["tensor_fqn"]: g["sparsity_level"] for g in self.pruner.groups},
+            "end_step": self._resolved_end,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.applied_step = state_dict["applied_step"]
+        self.fused = self.fused or state_dict["fused"]
+        self._targets = state_dict["targets"] or self._targets
+        self._resolved_end = state_dict["end_step"]
+        for group in self.pruner.groups:
+            group["sparsity_level"] = state_dict["levels"].get(group["tensor_fqn"], group["sparsity_level"])
+
+
+def _model_input(batch: Any) -> Any:
+    """The part of a training batch the model's forward takes: the batch, or its first element."""
+    if isinstance(batch, (list, tuple)) and batch:
+        batch = batch[0]
+    return batch.detach().clone() if isinstance(batch, torch.Tensor) else None
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    return value.to(device) if isinstance(value, torch.Tensor) else value
+
+
+def _measure(model: torch.nn.Module, example: Any) -> tuple[int, int | None]:
+    return count_params(model), (count_macs(model, example) if example is not None else None)
+
+
+@rank_zero_only
+def _log_metrics(trainer: pl.Trainer, metrics: dict[str, float]) -> None:
+    for logger in trainer.loggers:
+        logger.log_metrics(metrics, step=trainer.global_step)
+
+
+def _summary(before: dict, after: dict, measured_before: tuple, measured_after: tuple) -> str:
+    lines = ["StructuredPruning: fused", f"{'layer':<40} {'channels (in, out)':>28}"]
+    for name, widths in before.items():
+        if after.get(name) != widths:
+            lines.append(f"{name:<40} {str(widths):>13} -> {str(after.get(name)):<12}")
+    lines.append(f"params {measured_before[0]:,} -> {measured_after[0]:,}")
+    if measured_before[1] is not None:
+        lines.append(f"MACs   {measured_before[1]:,} -> {measured_after[1]:,}")
+    return "\n".join(lines)
