@@ -59,7 +59,7 @@ def _member_channels(member: Member) -> torch.Tensor:
 
 
 def fuse(graph: ChannelGraph) -> list[str]:
-    """Shrink the model in place; returns warnings about approximate parts (already emitted)."""
+    """Shrink the model in place; returns the warnings it emitted (approximate or width-keeping LSTM fusion)."""
     consts, must_keep = _propagate_constants(graph)
     keep, lstm_plans, notes = _decide(graph, must_keep)
     folds = _folds(graph, consts, keep)
@@ -135,17 +135,18 @@ def _plan_lstm(graph: ChannelGraph, roots: list[int]) -> tuple[dict, str | None]
         gate_masks.append({kind: getattr(module.parametrizations, by_name[kind].tensor_name)[0].mask.cpu()
                            .reshape(4, hidden) for kind in ("ih", "hh")})
     tied = all((g[kind] == g["ih"][0]).all() for g in gate_masks for kind in ("ih", "hh"))
-    approx_reasons = [r for root in roots for r in graph.spaces[root].approximate]
+    keep_all = [r for root in roots for r in graph.spaces[root].keep_all]
     if tied:
-        units = [g["ih"][0].clone() for g in gate_masks]
+        units = [torch.ones_like(g["ih"][0]) if keep_all else g["ih"][0].clone() for g in gate_masks]
         width = max(1, max(int(u.sum()) for u in units))
         for u in units:  # nn.LSTM needs one hidden size: keep extra (silent, zeroed) units where a layer has fewer
             for j in (~u).nonzero().flatten()[: width - int(u.sum())]:
                 u[j] = True
         layers = [{"ih": u.repeat(4), "hh": u.repeat(4), "cols": u} for u in units]
         note = None
-        if approx_reasons:
-            note = f"Fusion of LSTM '{name}' is approximate: {approx_reasons[0]}."
+        if keep_all:
+            note = (f"LSTM '{name}' keeps all its hidden units (the pruned ones zeroed) to stay exact: {keep_all[0]}. "
+                    "Every layer of an nn.LSTM has one hidden size, so no layer of it shrinks.")
         return {"module": module, "layers": layers, "outputs": units}, note
     counts = {int(g[kind][i].sum()) for g in gate_masks for kind in ("ih", "hh") for i in range(4)}
     if len(counts) != 1:

@@ -77,7 +77,7 @@ class Space:
     size: int
     members: list[Member] = field(default_factory=list)
     blocked: list[str] = field(default_factory=list)
-    approximate: list[str] = field(default_factory=list)
+    keep_all: list[str] = field(default_factory=list)
     lstm: tuple[nn.LSTM, int] | None = None
     reaches_output: bool = False
 
@@ -200,7 +200,7 @@ class ChannelGraph:
         self._parent[rb] = ra
         sa.members += sb.members
         sa.blocked += sb.blocked
-        sa.approximate += sb.approximate
+        sa.keep_all += sb.keep_all
         sa.reaches_output |= sb.reaches_output
         if sa.size != sb.size:
             sa.blocked.append(f"{where} combines {sa.size} and {sb.size} channels")
@@ -396,7 +396,7 @@ class ChannelGraph:
         spaces = [self.space(s.space) for s in flow.segments]
         reason = f"{where} normalises over the pruned channels, so its statistics change when they are removed"
         if all(s.lstm is not None for s in spaces) and len(spaces) == 1:
-            spaces[0].approximate.append(reason)
+            spaces[0].keep_all.append(reason)
             self.norms.append((module, flow))
             self._pass(node, flow, lambda v: (v, True))
         else:
