@@ -17,15 +17,19 @@ from torch.nn.utils import parametrize
 class FakeStructuredSparsity(nn.Module):
     """Zeroes the rows of a weight whose entry in ``mask`` (a bool vector, one per row) is False.
 
-    The mask is a persistent buffer, so it is part of the model's ``state_dict``.
+    The mask is a persistent buffer, so it is part of the model's ``state_dict``. ``dim`` is the weight dimension
+    that holds the output channels: 0 for Linear/Conv, 1 for ConvTranspose.
     """
 
-    def __init__(self, mask: torch.Tensor):
+    def __init__(self, mask: torch.Tensor, dim: int = 0):
         super().__init__()
         self.register_buffer("mask", mask)
+        self.dim = dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.mask.reshape((-1,) + (1,) * (x.dim() - 1))
+        shape = [1] * x.dim()
+        shape[self.dim] = -1
+        return x * self.mask.reshape(shape)
 
 
 class ChannelMask(nn.Module):
@@ -64,11 +68,11 @@ def row_mask(module: nn.Module, tensor_name: str) -> FakeStructuredSparsity | No
     return None
 
 
-def attach_row_mask(module: nn.Module, tensor_name: str) -> FakeStructuredSparsity:
-    """Attach an all-True row mask to ``module.<tensor_name>`` and return it."""
+def attach_row_mask(module: nn.Module, tensor_name: str, dim: int = 0) -> FakeStructuredSparsity:
+    """Attach an all-True mask over dimension ``dim`` of ``module.<tensor_name>`` and return it."""
     tensor = getattr(module, tensor_name)
-    mask = torch.ones(tensor.shape[0], dtype=torch.bool, device=tensor.device)
-    parametrization = FakeStructuredSparsity(mask)
+    mask = torch.ones(tensor.shape[dim], dtype=torch.bool, device=tensor.device)
+    parametrization = FakeStructuredSparsity(mask, dim)
     parametrize.register_parametrization(module, tensor_name, parametrization)
     return parametrization
 

@@ -34,7 +34,7 @@ def attach_masks(graph: ChannelGraph, prune_bias: dict[str, bool]) -> dict[str, 
     masks: dict[str, FakeStructuredSparsity] = {}
     members = [m for root in graph.roots() for m in graph.spaces[root].members]
     for member in members:
-        masks[member.tensor_fqn] = attach_row_mask(member.module, member.tensor_name)
+        masks[member.tensor_fqn] = attach_row_mask(member.module, member.tensor_name, member.dim)
     for member in members:
         rule = R.rule_for(member.module)
         if isinstance(member.module, nn.LSTM) or prune_bias[member.tensor_fqn]:

@@ -70,6 +70,7 @@ class Member:
     tensor_name: str
     tensor_fqn: str
     rows_per_channel: int = 1
+    dim: int = 0
 
 
 @dataclass
@@ -304,7 +305,7 @@ class ChannelGraph:
             space = self._new_space(rule.out_channels(module))
             self._module_space[id(module)] = space
             for fqn, name in members:
-                self.space(space).members.append(Member(module, name, fqn))
+                self.space(space).members.append(Member(module, name, fqn, dim=rule.channel_dim_of_weight(module)))
             self.producers.append((module, rule, space))
         out = Flow((Segment(space, rule.out_channels(module)),), rule.channel_dim, rule.output_ndim(module))
         self.flows[node.name] = out

@@ -59,6 +59,10 @@ class LayerRule(Rule):
     def rows_per_channel(self, module: nn.Module, tensor_name: str) -> int:
         return 1
 
+    def channel_dim_of_weight(self, module: nn.Module) -> int:
+        """The weight dimension that holds the output channels."""
+        return 0
+
     def bias_names(self, module: nn.Module, tensor_name: str) -> list[str]:
         """Per-row tensors that must be masked with the rows of ``tensor_name``."""
         return ["bias"] if getattr(module, "bias", None) is not None else []
@@ -77,8 +81,11 @@ class LayerRule(Rule):
         return True
 
     def fold(self, module: nn.Module, removed: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        """What the removed input features (constant ``values``) add to each output channel."""
-        raise NotImplementedError
+        """What the removed input features (constant ``values``) add to each output channel.
+
+        Only called when ``constant_input_is_constant`` holds; otherwise fusion keeps non-zero constant channels.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot fold constant inputs")
 
     def slice_out(self, module: nn.Module, keep: torch.Tensor) -> None:
         raise NotImplementedError
@@ -174,6 +181,40 @@ class ConvRule(LayerRule):
             return
         module.out_channels = module.weight.shape[0]
         module.in_channels = module.weight.shape[1] * module.groups
+
+
+class ConvTransposeRule(ConvRule):
+    """ConvTransposeNd (groups == 1): the weight is (in, out, *kernel), so output channels are weight dim 1.
+
+    A constant input does not give a constant output (border positions receive fewer taps), so removed input
+    channels that still emit a non-zero constant are kept.
+    """
+
+    def kind(self, module) -> str:
+        return "layer" if module.groups == 1 else "blocked"
+
+    def blocked_reason(self, module) -> str | None:
+        if module.groups != 1:
+            return f"grouped transposed convolution (groups={module.groups}); only groups=1 is supported"
+        return None
+
+    def channel_dim_of_weight(self, module) -> int:
+        return 1
+
+    def constant_input_is_constant(self, module) -> bool:
+        return False
+
+    def slice_out(self, module, keep):
+        _replace(module, "weight", module.weight[:, keep])
+        _replace(module, "bias", None if module.bias is None else module.bias[keep])
+        self.sync(module)
+
+    def slice_in(self, module, keep):
+        _replace(module, "weight", module.weight[keep])
+        self.sync(module)
+
+    def sync(self, module):
+        module.in_channels, module.out_channels = module.weight.shape[:2]
 
 
 def _pads_with_zeros(conv: nn.Module) -> bool:
@@ -406,6 +447,8 @@ for _cls in (nn.Linear,):
 _CONV = ConvRule()
 for _cls in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
     register_layer(_cls, _CONV)
+for _cls in (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d):
+    register_layer(_cls, ConvTransposeRule())
 register_layer(nn.LSTM, LSTMRule())
 for _cls in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
     register_layer(_cls, BatchNormRule())
@@ -450,6 +493,6 @@ def pool_dims(module: nn.Module) -> int:
 
 
 __all__ = [
-    "Rule", "LayerRule", "ChannelwiseRule", "ElementwiseRule", "LinearRule", "ConvRule", "LSTMRule",
+    "Rule", "LayerRule", "ChannelwiseRule", "ElementwiseRule", "LinearRule", "ConvRule", "ConvTransposeRule", "LSTMRule",
     "BatchNormRule", "DepthwiseConvRule", "LayerNormRule", "register_layer", "rule_for",
 ]

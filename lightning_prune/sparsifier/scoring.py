@@ -27,7 +27,8 @@ class ScoringPruner(BaseStructuredSparsifier):
         return int(channels * sparsity_level)
 
     def update_mask(self, module: nn.Module, tensor_name: str, sparsity_level: float, **kwargs: Any) -> None:
-        member = Member(module, tensor_name, kwargs.get("tensor_fqn", tensor_name), rows_per_channel=1)
+        dim = getattr(module.parametrizations, tensor_name)[0].dim
+        member = Member(module, tensor_name, kwargs.get("tensor_fqn", tensor_name), dim=dim)
         self.decide([member], sparsity_level)
 
     def update_masks(self) -> None:
@@ -39,7 +40,7 @@ class ScoringPruner(BaseStructuredSparsifier):
         """Sum of each member's scores, each scaled to mean 1 so layers of different magnitude weigh the same."""
         total = None
         for member in members:
-            weight = getattr(member.module, member.tensor_name).detach()
+            weight = getattr(member.module, member.tensor_name).detach().movedim(member.dim, 0)
             scores = self.row_scores(weight).reshape(member.rows_per_channel, -1).sum(0).float()
             scores = scores / scores.abs().mean().clamp_min(torch.finfo(scores.dtype).tiny)
             total = scores if total is None else total + scores

@@ -1,0 +1,101 @@
+"""Size and speed of a model: parameters, MACs, CPU latency and per-layer widths.
+
+Pruning is only worth its accuracy cost if these numbers move, so the callback, the app and the examples
+all report them the same way, through PyTorch's own counters rather than hand-written formulas.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+from torch.utils import benchmark
+from torch.utils.flop_counter import FlopCounterMode
+
+ExampleInput = torch.Tensor | tuple[torch.Tensor, ...]
+
+_WIDTH_OF = {
+    nn.Linear: lambda m: (m.in_features, m.out_features),
+    nn.modules.conv._ConvNd: lambda m: (m.in_channels, m.out_channels),
+    nn.modules.batchnorm._BatchNorm: lambda m: (m.num_features, m.num_features),
+    nn.LSTM: lambda m: (m.input_size, m.hidden_size),
+    nn.LayerNorm: lambda m: (m.normalized_shape[-1], m.normalized_shape[-1]),
+}
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of parameter elements; a parameter shared by several modules counts once."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_macs(model: nn.Module, example_input: ExampleInput) -> int:
+    """Multiply-accumulates of one eval-mode forward pass, from ``FlopCounterMode`` (MACs = FLOPs / 2).
+
+    oneDNN and cuDNN are switched off while counting: their fused RNN kernels have no FLOP formula and
+    would make an LSTM count as zero, while the reference kernels run the same math as countable matmuls.
+    """
+    mkldnn = torch.backends.mkldnn
+    counter = FlopCounterMode(display=False)
+    with (
+        _eval_mode(model),
+        torch.no_grad(),
+        mkldnn.flags(enabled=False, deterministic=mkldnn.deterministic, allow_tf32=mkldnn.allow_tf32),
+        torch.backends.cudnn.flags(enabled=False),
+        counter,
+    ):
+        model(*_as_args(example_input))
+    return counter.get_total_flops() // 2
+
+
+def latency_ms(
+    model: nn.Module, example_input: ExampleInput, threads: int = 1, min_run_time: float = 0.2
+) -> float:
+    """Median wall time of one eval-mode forward pass in milliseconds, on a fixed number of threads.
+
+    A fixed thread count makes dense and pruned timings comparable across runs and machines.
+    """
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads must be an integer >= 1, got {threads!r}")
+    if not min_run_time > 0:
+        raise ValueError(f"min_run_time must be a positive number of seconds, got {min_run_time!r}")
+    timer = benchmark.Timer(
+        stmt="model(*args)",
+        globals={"model": model, "args": _as_args(example_input)},
+        num_threads=threads,
+    )
+    with _eval_mode(model), torch.no_grad():
+        measurement = timer.blocked_autorange(min_run_time=min_run_time)
+    return measurement.median * 1e3
+
+
+def layer_widths(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """``{module fqn: (input width, output width)}`` for the layer types that pruning narrows.
+
+    Compare the result before and after ``prune()`` to see each layer's channels before -> after. An
+    LSTM's output width is its hidden size; a LayerNorm's widths are its last normalised dimension.
+    """
+    widths = {}
+    for name, module in model.named_modules():
+        for layer_type, width_of in _WIDTH_OF.items():
+            if isinstance(module, layer_type):
+                widths[name] = width_of(module)
+                break
+    return widths
+
+
+def _as_args(example_input: ExampleInput) -> tuple[torch.Tensor, ...]:
+    return example_input if isinstance(example_input, tuple) else (example_input,)
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Measure in eval mode (Dropout off, BatchNorm statistics frozen), then restore every module's mode."""
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes.items():
+            module.training = training
