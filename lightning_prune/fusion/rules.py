@@ -493,6 +493,6 @@ def pool_dims(module: nn.Module) -> int:
 
 
 __all__ = [
-    "Rule", "LayerRule", "ChannelwiseRule", "ElementwiseRule", "LinearRule", "ConvRule", "ConvTransposeRule", "LSTMRule",
-    "BatchNormRule", "DepthwiseConvRule", "LayerNormRule", "register_layer", "rule_for",
+    "Rule", "LayerRule", "ChannelwiseRule", "ElementwiseRule", "LinearRule", "ConvRule", "ConvTransposeRule",
+    "LSTMRule", "BatchNormRule", "DepthwiseConvRule", "LayerNormRule", "register_layer", "rule_for",
 ]
