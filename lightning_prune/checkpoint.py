@@ -12,11 +12,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
 from lightning_prune.errors import PruningConfigError
 from lightning_prune.fusion import rules as R
-from lightning_prune.masks import has_masks
+from lightning_prune.masks import bake_masks
 
 
 def narrow_to_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], prefix: str = "") -> list[str]:
@@ -54,9 +53,7 @@ def narrow_to_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor
 def strip_masks(model: nn.Module) -> None:
     """Remove every pruning parametrization, keeping the unmasked tensors (they are about to be overwritten)."""
     for module in model.modules():
-        if has_masks(module):
-            for name in list(module.parametrizations.keys()):
-                parametrize.remove_parametrizations(module, name, leave_parametrized=False)
+        bake_masks(module, keep_masked_values=False)
 
 
 def load_pruned(model: nn.Module, checkpoint: str | os.PathLike | Mapping[str, Any], strict: bool = True) -> nn.Module:

@@ -83,14 +83,30 @@ def attach_channel_mask(module: nn.Module, tensor_name: str, mask: ChannelMask) 
         parametrize.register_parametrization(module, tensor_name, mask)
 
 
-def bake_masks(module: nn.Module) -> None:
-    """Remove every mask from ``module``, leaving the masked values as plain parameters."""
+def bake_masks(module: nn.Module, keep_masked_values: bool = True) -> None:
+    """Remove every mask from ``module``, leaving plain parameters: the masked values, or the raw ones.
+
+    torch's ``remove_parametrizations`` deletes properties from the parametrized class, which a deepcopy of the
+    model shares, so the copy would break. When masks are the only parametrizations, we restore the module's own
+    class and parameters directly instead.
+    """
     if not parametrize.is_parametrized(module):
         return
-    for name in list(module.parametrizations.keys()):
-        if any(isinstance(p, (FakeStructuredSparsity, ChannelMask)) for p in module.parametrizations[name]):
-            with torch.no_grad():
-                parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+    ours = [name for name, plist in module.parametrizations.items()
+            if any(isinstance(p, (FakeStructuredSparsity, ChannelMask)) for p in plist)]
+    with torch.no_grad():
+        if len(ours) == len(module.parametrizations) and all(len(module.parametrizations[n]) == 1 for n in ours):
+            values = {name: getattr(module, name) if keep_masked_values else module.parametrizations[name].original
+                      for name in ours}
+            originals = {name: module.parametrizations[name].original for name in ours}
+            del module._modules["parametrizations"]
+            module.__class__ = module.__class__.__bases__[0]
+            for name, value in values.items():
+                module._parameters[name] = nn.Parameter(value.detach().clone(),
+                                                        requires_grad=originals[name].requires_grad)
+            return
+        for name in ours:
+            parametrize.remove_parametrizations(module, name, leave_parametrized=keep_masked_values)
 
 
 def has_masks(module: nn.Module) -> bool:
