@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import re
-import warnings
+from collections import defaultdict
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
+from torch.nn.parallel import DistributedDataParallel
 
-from lightning_prune.checkpoint import narrow_to_state_dict, strip_masks
+from lightning_prune.checkpoint import dense_view, narrow_to_state_dict, strip_masks
 from lightning_prune.errors import PruningConfigError
-from lightning_prune.masks import has_masks
 from lightning_prune.measure import count_macs, count_params, layer_widths
 from lightning_prune.schedule import SCHEDULES, sparsity_at, validate_schedule
 from lightning_prune.sparsifier import BaseStructuredSparsifier
@@ -33,6 +33,9 @@ class StructuredPruning(Callback):
         prune_on_fit_end: run the fusion pass when training ends (before the final ``last.ckpt`` is rewritten).
         verify: compare the masked and the pruned model on a batch held from training; raise if they differ.
         include, exclude: regexes over tensor FQNs that narrow ``config=None``.
+        shrink_every_n_steps: also fuse during training, every this many optimizer steps (when something new is
+            masked), so the rest of the run trains the smaller model. The optimizers keep their state for the kept
+            channels, DDP is re-wrapped, and masks are re-attached while the schedule still has pruning to do.
     """
 
     def __init__(
@@ -47,6 +50,7 @@ class StructuredPruning(Callback):
         verify: bool = True,
         include: list[str] | None = None,
         exclude: list[str] | None = None,
+        shrink_every_n_steps: int | None = None,
     ):
         if not isinstance(pruner, BaseStructuredSparsifier):
             raise PruningConfigError(
@@ -55,6 +59,9 @@ class StructuredPruning(Callback):
         if schedule not in SCHEDULES:
             raise PruningConfigError(f"unknown schedule {schedule!r}; choose one of {sorted(SCHEDULES)}")
         validate_schedule(schedule, pruner.defaults["sparsity_level"], start_step, end_step, every_n_steps)
+        if shrink_every_n_steps is not None and (isinstance(shrink_every_n_steps, bool) or
+                                                 not isinstance(shrink_every_n_steps, int) or shrink_every_n_steps < 1):
+            raise PruningConfigError(f"shrink_every_n_steps must be None or an int >= 1, got {shrink_every_n_steps!r}")
         if config is not None and (include is not None or exclude is not None):
             raise PruningConfigError("give either config (explicit tensors) or include/exclude patterns, not both")
         for pattern in (include or []) + (exclude or []):
@@ -68,9 +75,12 @@ class StructuredPruning(Callback):
         self.start_step, self.end_step, self.every_n_steps = start_step, end_step, every_n_steps
         self.prune_on_fit_end, self.verify = prune_on_fit_end, verify
         self.include, self.exclude = include, exclude
+        self.shrink_every_n_steps = shrink_every_n_steps
         self.fused = False
         self.applied_step = -1
         self._targets: dict[str, float] = {}
+        self._widths: dict[str, int] = {}  # channels of each configured tensor before any pruning
+        self._resolved_config: list[dict[str, Any]] = []  # the tensors chosen at setup, to mask again after a shrink
         self._resolved_end: int | None = end_step
         self._held_input: Any = None
         self._hook = None
@@ -94,19 +104,27 @@ class StructuredPruning(Callback):
         if not self.pruner.groups:
             rank_zero_warn("StructuredPruning found no prunable layer; training continues dense")
         self._targets = {g["tensor_fqn"]: g["sparsity_level"] for g in self.pruner.groups}
+        self._widths = {g["tensor_fqn"]: _channels(g) for g in self.pruner.groups}
+        self._resolved_config = [{k: v for k, v in g.items() if k not in ("module", "module_fqn", "tensor_name")}
+                                 for g in self.pruner.groups]
         for group in self.pruner.groups:
             group["sparsity_level"] = 0.0  # nothing is pruned until the schedule says so
         rank_zero_info(f"StructuredPruning: masking {len(self.pruner.groups)} tensors "
                        f"({', '.join(self._targets) or 'none'})")
 
     def _before_load(self, module, state_dict, prefix, *args) -> None:
-        """A checkpoint written after fusion is narrower and mask-free: shape the model like it before loading."""
-        fused_checkpoint = not any(".parametrizations." in key for key in state_dict)
-        if fused_checkpoint and any(has_masks(m) for m in module.modules()):
-            strip_masks(module)
+        """Shape the model like a checkpoint written after fusion (or after a mid-fit shrink) before it loads."""
+        dense = dense_view(state_dict)
+        masked_checkpoint = len(dense) != len(state_dict)
+        if masked_checkpoint and not _shapes_differ(module, dense, prefix):
+            return  # the usual resume: same masks, same widths
+        strip_masks(module)
+        narrow_to_state_dict(module, dense, prefix)
+        self.pruner.forget_model()
+        if masked_checkpoint:  # shrunk mid-fit with the schedule still running: masks go back on the narrow layers
+            self._prepare_again(module)
+        else:
             self.fused = True
-        if fused_checkpoint:
-            narrow_to_state_dict(module, state_dict, prefix)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.end_step is None and self.schedule != "oneshot":
@@ -122,13 +140,43 @@ class StructuredPruning(Callback):
         self.applied_step = step
         if self._apply(trainer, step):
             pl_module.log("pruning/sparsity", self.sparsity(), rank_zero_only=True)
+        if self.shrink_every_n_steps and step % self.shrink_every_n_steps == 0 and self._masks_prune_something():
+            self._shrink(trainer, pl_module, schedule_done=self._levels(None) == self._levels(step))
+
+    def _masks_prune_something(self) -> bool:
+        return any(not bool(s["mask"].all()) for s in self.pruner.state.values())
+
+    def _shrink(self, trainer: pl.Trainer, pl_module: pl.LightningModule, schedule_done: bool) -> None:
+        """Fuse now; carry the optimizers' state over to the narrowed parameters; re-wrap DDP."""
+        self.pruner.prune()
+        if schedule_done:
+            self.fused = True
+        else:
+            self._prepare_again(pl_module)
+        for optimizer in trainer.optimizers:
+            carry_optimizer_state(optimizer, self.pruner.lineage)
+        strategy = trainer.strategy
+        if isinstance(strategy.model, DistributedDataParallel):
+            strategy.model = pl_module
+            strategy.configure_ddp()
+        rank_zero_info(f"StructuredPruning: shrank at step {trainer.global_step}: {count_params(pl_module):,} params")
+
+    def _prepare_again(self, pl_module: pl.LightningModule) -> None:
+        """Masks back on the narrowed layers, each group continuing toward its target (relative to its old width)."""
+        self.pruner.prepare(pl_module, self._resolved_config)
+        for group in self.pruner.groups:
+            group["sparsity_level"] = 0.0
 
     def _levels(self, step: int | None) -> dict[str, float]:
-        """Each group's level at ``step`` (None: the final target)."""
-        if step is None:
-            return dict(self._targets)
-        return {fqn: sparsity_at(self.schedule, step, target, self.start_step, self._resolved_end,
-                                 self.every_n_steps) for fqn, target in self._targets.items()}
+        """Each group's level at ``step`` (None: the final target), relative to the layer's width now."""
+        levels = {}
+        for group in self.pruner.groups:
+            fqn = group["tensor_fqn"]
+            target = self._targets[fqn]
+            level = target if step is None else sparsity_at(
+                self.schedule, step, target, self.start_step, self._resolved_end, self.every_n_steps)
+            levels[fqn] = _relative_level(level, self._widths[fqn], _channels(group))
+        return levels
 
     def _apply(self, trainer: pl.Trainer, step: int | None) -> bool:
         """Set the groups' levels for ``step``; step the pruner and share rank 0's masks if any level changed."""
@@ -177,28 +225,19 @@ class StructuredPruning(Callback):
         with torch.no_grad():
             expected = pl_module(example) if example is not None else None
             before = _measure(pl_module, example)
-            notes = self._fuse_quietly()
+            self.pruner.prune()
             actual = pl_module(example) if example is not None else None
             after = _measure(pl_module, example)
         pl_module.train(was_training)
         self.fused = True
         if self.verify:
-            self._verify(expected, actual, notes)
+            self._verify(expected, actual, self.pruner.notes)
         widths_after = layer_widths(pl_module)
         metrics = {"pruning/sparsity": sparsity, "pruning/params_before": before[0], "pruning/params": after[0]}
         if before[1] is not None:
             metrics.update({"pruning/macs_before": before[1], "pruning/macs": after[1]})
         _log_metrics(trainer, metrics)
         rank_zero_info(_summary(widths_before, widths_after, before, after))
-
-    def _fuse_quietly(self) -> list[str]:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            self.pruner.prune()
-        notes = [str(w.message) for w in caught]
-        for note in notes:
-            rank_zero_warn(note)
-        return notes
 
     def _verify(self, expected, actual, notes: list[str]) -> None:
         if expected is None:
@@ -234,6 +273,54 @@ class StructuredPruning(Callback):
         self._resolved_end = state_dict["end_step"]
         for group in self.pruner.groups:
             group["sparsity_level"] = state_dict["levels"].get(group["tensor_fqn"], group["sparsity_level"])
+
+
+def _channels(group: dict[str, Any]) -> int:
+    """Channels of a configured tensor now (an LSTM weight has 4 gate rows per hidden unit)."""
+    rows = getattr(group["module"].parametrizations, group["tensor_name"])[0].mask.numel()
+    return rows // 4 if isinstance(group["module"], torch.nn.LSTM) else rows
+
+
+def _relative_level(level: float, original: int, current: int) -> float:
+    """The level that prunes a layer now ``current`` wide to ``level`` of its ``original`` width.
+
+    Pruners count ``int(n * level)`` (or round) channels; aiming a quarter channel above the whole count makes either
+    rounding land on it.
+    """
+    if current == original or level == 0:
+        return level
+    remaining = int(original * level) - (original - current)
+    return (remaining + 0.25) / current if remaining > 0 else 0.0
+
+
+def carry_optimizer_state(optimizer: torch.optim.Optimizer, lineage: list) -> None:
+    """Point ``optimizer`` at the narrowed parameters, slicing each one's state (momentum, Adam moments) to match."""
+    replaced = {id(old): (new, index) for new, old, index in lineage}
+    state = {}
+    for group in optimizer.param_groups:
+        params = []
+        for param in group["params"]:
+            new, index = replaced.get(id(param), (param, {}))
+            params.append(new)
+            if param in optimizer.state:
+                carried = {key: _slice_like(value, param, new, index) for key, value in optimizer.state[param].items()}
+                if all(v is not None for v in carried.values()):
+                    state[new] = carried
+        group["params"] = params
+    optimizer.state = defaultdict(dict, state)
+
+
+def _slice_like(value: Any, old: torch.Tensor, new: torch.Tensor, index: dict[int, torch.Tensor]) -> Any:
+    if not isinstance(value, torch.Tensor) or value.shape != old.shape:
+        return value  # scalars such as Adam's step
+    for dim, kept in index.items():
+        value = value.index_select(dim, kept.to(value.device))
+    return value.clone() if value.shape == new.shape else None
+
+
+def _shapes_differ(module: torch.nn.Module, dense: dict[str, torch.Tensor], prefix: str) -> bool:
+    current = dense_view({prefix + k: v for k, v in module.state_dict().items()})
+    return any(key in dense and tuple(value.shape) != tuple(dense[key].shape) for key, value in current.items())
 
 
 def _model_input(batch: Any) -> Any:

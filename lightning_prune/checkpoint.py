@@ -50,6 +50,19 @@ def narrow_to_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor
     return changed
 
 
+def dense_view(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The state dict as the unmasked model would name it: ``a.parametrizations.weight.original`` -> ``a.weight``,
+    mask buffers dropped."""
+    dense = {}
+    for key, value in state_dict.items():
+        head, marker, tail = key.partition(".parametrizations.")
+        if not marker:
+            dense[key] = value
+        elif tail.endswith(".original"):
+            dense[f"{head}.{tail.removesuffix('.original')}"] = value
+    return dense
+
+
 def strip_masks(model: nn.Module) -> None:
     """Remove every pruning parametrization, keeping the unmasked tensors (they are about to be overwritten)."""
     for module in model.modules():

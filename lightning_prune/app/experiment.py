@@ -29,6 +29,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     ``compose(..., return_hydra_config=True)``): the overrides and group choices go into metrics.json.
     """
     started = time.perf_counter()
+    if cfg.torch_threads is not None:
+        torch.set_num_threads(cfg.torch_threads)
     output_dir = Path(cfg.output_dir)
     datamodule: DigitsDataModule = instantiate(cfg.data)
     example_input = datamodule.example_input(cfg.measure.batch_size)
@@ -41,12 +43,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     seed_everything(cfg.seed, workers=True)
     module: LightningModule = instantiate(cfg.module)
-    before = _measure(module.net, example_input, cfg.measure.threads)
+    before = _measure(module.net, example_input, cfg.measure)
     trainer: Trainer = instantiate(cfg.trainer, callbacks=list(callbacks.values()))
     trainer.fit(module, datamodule=datamodule)
-    val_acc = trainer.validate(module, datamodule=datamodule, verbose=False)[0]["val_acc"]
-    test_acc = trainer.test(module, datamodule=datamodule, verbose=False)[0]["test_acc"]
-    after = _measure(module.net, example_input, cfg.measure.threads)
+    val_acc, test_acc = _evaluate(trainer, module, datamodule)
+    after = _measure(module.net, example_input, cfg.measure)
     trainer.save_checkpoint(output_dir / CHECKPOINT_FILE)
 
     hydra_cfg = HydraConfig.get()
@@ -78,17 +79,22 @@ def _train_dense_baseline(cfg: DictConfig, datamodule: DigitsDataModule) -> tupl
     module: LightningModule = instantiate(cfg.module)
     trainer: Trainer = instantiate(cfg.trainer, callbacks=[], logger=False, enable_checkpointing=False)
     trainer.fit(module, datamodule=datamodule)
+    return _evaluate(trainer, module, datamodule)
+
+
+def _evaluate(trainer: Trainer, module: LightningModule, datamodule: DigitsDataModule) -> tuple[float, float]:
+    """Validation and test accuracy of the model as it is now (after fit: the pruned, fused one)."""
     val_acc = trainer.validate(module, datamodule=datamodule, verbose=False)[0]["val_acc"]
     test_acc = trainer.test(module, datamodule=datamodule, verbose=False)[0]["test_acc"]
     return val_acc, test_acc
 
 
-def _measure(net: torch.nn.Module, example_input: torch.Tensor, threads: int) -> dict[str, float]:
+def _measure(net: torch.nn.Module, example_input: torch.Tensor, settings: DictConfig) -> dict[str, float]:
     example_input = example_input.to(next(net.parameters()).device)
     return {
         "params": count_params(net),
         "macs": count_macs(net, example_input),
-        "latency_ms": latency_ms(net, example_input, threads=threads),
+        "latency_ms": latency_ms(net, example_input, threads=settings.threads, min_run_time=settings.min_run_time),
     }
 
 

@@ -8,6 +8,7 @@ to fold into the next biases, checking everything, and only then bakes the masks
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -58,15 +59,49 @@ def _member_channels(member: Member) -> torch.Tensor:
     return mask.reshape(member.rows_per_channel, -1).any(0)
 
 
-def fuse(graph: ChannelGraph) -> list[str]:
-    """Shrink the model in place; returns the warnings it emitted (approximate or width-keeping LSTM fusion)."""
+@dataclass
+class FusionResult:
+    """What fusion did: the warnings it emitted, and where each new tensor came from (to carry optimizer state)."""
+
+    notes: list[str]
+    #: (new tensor, the tensor it replaced, {dim: kept indices of the old one})
+    lineage: list[tuple[torch.Tensor, torch.Tensor, dict[int, torch.Tensor]]]
+
+
+def live_inputs(graph: ChannelGraph, module: nn.Module) -> torch.Tensor | None:
+    """Which input features of ``module`` still carry a channel under the current masks (None: not a consumer).
+
+    Weights that only ever see a masked channel's silence should not count when scoring the layer's own channels.
+    """
+    for consumer in graph.consumers:
+        if consumer.module is module:
+            kept = {}
+            for seg in consumer.flow.segments:
+                root = graph.find(seg.space)
+                if root not in kept:
+                    members = graph.spaces[root].members
+                    kept[root] = torch.stack([_member_channels(m).cpu() for m in members]).any(0) if members \
+                        else torch.ones(seg.size, dtype=torch.bool)
+            return _expand(graph, consumer.flow, kept)
+    return None
+
+
+def fuse(graph: ChannelGraph) -> FusionResult:
+    """Shrink the model in place."""
     consts, must_keep = _propagate_constants(graph)
     keep, lstm_plans, notes = _decide(graph, must_keep)
     folds = _folds(graph, consts, keep)
-    _mutate(graph, keep, lstm_plans, folds)
+    lineage: dict = {}
+    token = R.LINEAGE.set(lineage)
+    try:
+        _mutate(graph, keep, lstm_plans, folds)
+    finally:
+        R.LINEAGE.reset(token)
     for note in notes:
         warnings.warn(note, UserWarning, stacklevel=3)
-    return notes
+    tensors = {id(t): t for m in graph.model.modules() for t in list(m._parameters.values()) + list(m._buffers.values())
+               if t is not None}
+    return FusionResult(notes, [(tensors[i], root, index) for i, (root, index) in lineage.items() if i in tensors])
 
 
 def _propagate_constants(graph: ChannelGraph) -> tuple[dict[str, torch.Tensor], dict[int, torch.Tensor]]:
@@ -211,9 +246,13 @@ def _index(mask: torch.Tensor, module: nn.Module) -> torch.Tensor:
 
 
 def _mutate(graph: ChannelGraph, keep, lstm_plans, folds) -> None:
+    lineage = R.LINEAGE.get()
     for module in graph.model.modules():
         if has_masks(module):
+            originals = {name: plist.original for name, plist in module.parametrizations.items()}
             bake_masks(module)
+            for name, original in originals.items():
+                lineage[id(getattr(module, name))] = (original, {})
     out_rows: dict[int, torch.Tensor] = {}
     for module, rule, root in graph.producers:
         kept = keep[graph.find(root)]

@@ -14,6 +14,7 @@ Kinds of rule:
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as F
@@ -21,16 +22,34 @@ from torch import nn
 
 from lightning_prune.errors import PruningConfigError
 
+#: While fusion runs: id(new tensor) -> (the tensor it came from before fusion, {dim: kept indices}).
+LINEAGE: ContextVar[dict[int, tuple[torch.Tensor, dict[int, torch.Tensor]]] | None] = ContextVar(
+    "lightning_prune_lineage", default=None
+)
 
-def _replace(module: nn.Module, name: str, value: torch.Tensor | None) -> None:
-    """Swap a parameter or buffer for a narrower one, keeping its kind and requires_grad."""
-    if value is None:
-        return
-    old = getattr(module, name)
+
+def _set(module: nn.Module, name: str, value: torch.Tensor, source: torch.Tensor, index: dict) -> None:
+    """Swap a parameter or buffer for ``value``, keeping its kind and requires_grad, and record where it came from."""
     if name in module._parameters:
-        module._parameters[name] = nn.Parameter(value.detach().clone(), requires_grad=old.requires_grad)
+        value = nn.Parameter(value.detach().clone(), requires_grad=source.requires_grad)
+        module._parameters[name] = value
     else:
-        module._buffers[name] = value.detach().clone()
+        value = value.detach().clone()
+        module._buffers[name] = value
+    lineage = LINEAGE.get()
+    if lineage is not None:
+        root, previous = lineage.pop(id(source), (source, {}))
+        composed = dict(previous)
+        for dim, kept in index.items():
+            composed[dim] = previous[dim][kept.to(previous[dim].device)] if dim in previous else kept
+        lineage[id(value)] = (root, composed)
+
+
+def _select(module: nn.Module, name: str, dim: int, keep: torch.Tensor) -> None:
+    """Keep the entries ``keep`` of ``module.<name>`` along ``dim`` (no-op for a missing tensor)."""
+    tensor = getattr(module, name, None)
+    if tensor is not None:
+        _set(module, name, tensor.index_select(dim, keep), tensor, {dim: keep})
 
 
 class Rule:
@@ -118,12 +137,12 @@ class LinearRule(LayerRule):
         return module.weight[:, removed].to(values.dtype) @ values
 
     def slice_out(self, module, keep):
-        _replace(module, "weight", module.weight[keep])
-        _replace(module, "bias", None if module.bias is None else module.bias[keep])
+        _select(module, "weight", 0, keep)
+        _select(module, "bias", 0, keep)
         self.sync(module)
 
     def slice_in(self, module, keep):
-        _replace(module, "weight", module.weight[:, keep])
+        _select(module, "weight", 1, keep)
         self.sync(module)
 
     def sync(self, module):
@@ -167,12 +186,12 @@ class ConvRule(LayerRule):
         return (weight.flatten(2).sum(-1) * values).sum(-1)
 
     def slice_out(self, module, keep):
-        _replace(module, "weight", module.weight[keep])
-        _replace(module, "bias", None if module.bias is None else module.bias[keep])
+        _select(module, "weight", 0, keep)
+        _select(module, "bias", 0, keep)
         self.sync(module)
 
     def slice_in(self, module, keep):
-        _replace(module, "weight", module.weight[:, keep])
+        _select(module, "weight", 1, keep)
         self.sync(module)
 
     def sync(self, module):
@@ -205,12 +224,12 @@ class ConvTransposeRule(ConvRule):
         return False
 
     def slice_out(self, module, keep):
-        _replace(module, "weight", module.weight[:, keep])
-        _replace(module, "bias", None if module.bias is None else module.bias[keep])
+        _select(module, "weight", 1, keep)
+        _select(module, "bias", 0, keep)
         self.sync(module)
 
     def slice_in(self, module, keep):
-        _replace(module, "weight", module.weight[keep])
+        _select(module, "weight", 0, keep)
         self.sync(module)
 
     def sync(self, module):
@@ -258,7 +277,7 @@ class LSTMRule(LayerRule):
         return weight @ values
 
     def slice_in(self, module, keep):
-        _replace(module, "weight_ih_l0", module.weight_ih_l0[:, keep])
+        _select(module, "weight_ih_l0", 1, keep)
         module.input_size = module.weight_ih_l0.shape[1]
         module._init_flat_weights()
 
@@ -270,15 +289,19 @@ class LSTMRule(LayerRule):
                     cols_hh: torch.Tensor | Callable) -> None:
         """Keep the given gate rows of layer ``layer`` and the given hidden columns of its recurrent weight."""
         for kind, rows in (("ih", rows_ih), ("hh", rows_hh)):
-            _replace(module, f"weight_{kind}_l{layer}", getattr(module, f"weight_{kind}_l{layer}")[rows])
+            _select(module, f"weight_{kind}_l{layer}", 0, rows)
             if module.bias:
-                _replace(module, f"bias_{kind}_l{layer}", getattr(module, f"bias_{kind}_l{layer}")[rows])
-        hh = getattr(module, f"weight_hh_l{layer}")
-        _replace(module, f"weight_hh_l{layer}", cols_hh(hh) if callable(cols_hh) else hh[:, cols_hh])
+                _select(module, f"bias_{kind}_l{layer}", 0, rows)
+        name = f"weight_hh_l{layer}"
+        if callable(cols_hh):
+            hh = getattr(module, name)
+            _set(module, name, cols_hh(hh), hh, {})
+        else:
+            _select(module, name, 1, cols_hh)
 
     def slice_layer_input(self, module: nn.LSTM, layer: int, keep: torch.Tensor) -> None:
         name = f"weight_ih_l{layer}"
-        _replace(module, name, getattr(module, name)[:, keep])
+        _select(module, name, 1, keep)
 
     def sync(self, module):
         module.hidden_size = module.weight_hh_l0.shape[1]
@@ -327,9 +350,7 @@ class BatchNormRule(ChannelwiseRule):
 
     def slice_channels(self, module, keep):
         for name in ("weight", "bias", "running_mean", "running_var"):
-            tensor = getattr(module, name, None)
-            if tensor is not None:
-                _replace(module, name, tensor[keep])
+            _select(module, name, 0, keep)
         self.sync(module)
 
     def sync(self, module):
@@ -346,8 +367,8 @@ class DepthwiseConvRule(ChannelwiseRule):
         return out, not _pads_with_zeros(module)
 
     def slice_channels(self, module, keep):
-        _replace(module, "weight", module.weight[keep])
-        _replace(module, "bias", None if module.bias is None else module.bias[keep])
+        _select(module, "weight", 0, keep)
+        _select(module, "bias", 0, keep)
         self.sync(module)
 
     def sync(self, module):
@@ -384,8 +405,8 @@ class LayerNormRule(Rule):
         return "norm"
 
     def slice_channels(self, module: nn.LayerNorm, keep: torch.Tensor) -> None:
-        _replace(module, "weight", None if module.weight is None else module.weight[keep])
-        _replace(module, "bias", None if getattr(module, "bias", None) is None else module.bias[keep])
+        _select(module, "weight", 0, keep)
+        _select(module, "bias", 0, keep)
         self.sync(module)
 
     def sync(self, module):

@@ -52,6 +52,9 @@ class BaseStructuredSparsifier(abc.ABC):
         self.model: nn.Module | None = None
         self.graph: ChannelGraph | None = None
         self.pruned = False
+        #: after prune(): the warnings fusion gave, and (new tensor, old tensor, {dim: kept indices}) per tensor
+        self.notes: list[str] = []
+        self.lineage: list = []
 
     @abc.abstractmethod
     def update_mask(self, module: nn.Module, tensor_name: str, **kwargs: Any) -> None:
@@ -160,9 +163,14 @@ class BaseStructuredSparsifier(abc.ABC):
     def prune(self) -> nn.Module:
         """Remove the masked channels for real; returns the same model object, narrowed in place."""
         self._require_prepared("prune()")
-        fuse(self.graph)
+        result = fuse(self.graph)
         self.pruned = True
+        self.notes, self.lineage = result.notes, result.lineage
         return self.model
+
+    def forget_model(self) -> None:
+        """Let go of the prepared model once its masks have been removed by other means (e.g. a checkpoint load)."""
+        self.model, self.graph, self.groups, self.state, self.pruned = None, None, [], {}, False
 
     def _require_prepared(self, what: str) -> None:
         if self.model is None:

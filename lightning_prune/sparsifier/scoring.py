@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_prune.fusion.apply import live_inputs
 from lightning_prune.fusion.graph import Member
 from lightning_prune.sparsifier.base import BaseStructuredSparsifier
 
@@ -36,24 +37,27 @@ class ScoringPruner(BaseStructuredSparsifier):
             level = max(group["sparsity_level"] for group, _ in coupled)
             self.decide([member for _, member in coupled], level)
 
-    def channel_scores(self, members: list[Member]) -> torch.Tensor:
-        """Sum of each member's scores, each scaled to mean 1 so layers of different magnitude weigh the same."""
+    def channel_scores(self, members: list[Member], kept: torch.Tensor) -> torch.Tensor:
+        """Sum of each member's channel scores, each scaled to mean 1 over the ``kept`` channels so layers of
+        different magnitude weigh the same. Input columns fed only by masked channels do not count."""
         total = None
         for member in members:
             weight = getattr(member.module, member.tensor_name).detach().movedim(member.dim, 0)
+            live = live_inputs(self.graph, member.module) if member.rows_per_channel == 1 else None
+            if live is not None and live.numel() == weight.shape[1]:
+                weight = weight[:, live.to(weight.device)]
             scores = self.row_scores(weight).reshape(member.rows_per_channel, -1).sum(0).float()
-            scores = scores / scores.abs().mean().clamp_min(torch.finfo(scores.dtype).tiny)
+            scale = scores[kept].abs().mean() if kept.any() else scores.abs().mean()
+            scores = scores / scale.clamp_min(torch.finfo(scores.dtype).tiny)
             total = scores if total is None else total + scores
         return total
 
     def decide(self, members: list[Member], sparsity_level: float) -> None:
         """Mask the ``sparsity_level`` lowest-scoring channels in every member."""
         masks = [getattr(m.module.parametrizations, m.tensor_name)[0].mask for m in members]
-        scores = self.channel_scores(members)
-        kept_before = torch.zeros_like(scores, dtype=torch.bool)
-        for m, mask in zip(members, masks, strict=True):
-            kept_before |= mask.reshape(m.rows_per_channel, -1).any(0)
-        scores = scores.masked_fill(~kept_before, float("-inf"))
+        kept_before = torch.stack([mask.reshape(m.rows_per_channel, -1).any(0)
+                                   for m, mask in zip(members, masks, strict=True)]).any(0)
+        scores = self.channel_scores(members, kept_before).masked_fill(~kept_before, float("-inf"))
         channels = scores.numel()
         k = min(max(self.num_to_prune(channels, sparsity_level), 0), channels)
         keep = torch.ones(channels, dtype=torch.bool, device=scores.device)
