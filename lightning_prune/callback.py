@@ -154,7 +154,7 @@ class StructuredPruning(Callback):
         else:
             self._prepare_again(pl_module)
         for optimizer in trainer.optimizers:
-            carry_optimizer_state(optimizer, self.pruner.lineage)
+            carry_optimizer_state(optimizer, self.pruner.lineage, list(pl_module.parameters()))
         strategy = trainer.strategy
         if isinstance(strategy.model, DistributedDataParallel):
             strategy.model = pl_module
@@ -226,6 +226,8 @@ class StructuredPruning(Callback):
             expected = pl_module(example) if example is not None else None
             before = _measure(pl_module, example)
             self.pruner.prune()
+            for optimizer in trainer.optimizers:  # so checkpoints written from now on resume on the narrow model
+                carry_optimizer_state(optimizer, self.pruner.lineage, list(pl_module.parameters()))
             actual = pl_module(example) if example is not None else None
             after = _measure(pl_module, example)
         pl_module.train(was_training)
@@ -293,9 +295,14 @@ def _relative_level(level: float, original: int, current: int) -> float:
     return (remaining + 0.25) / current if remaining > 0 else 0.0
 
 
-def carry_optimizer_state(optimizer: torch.optim.Optimizer, lineage: list) -> None:
-    """Point ``optimizer`` at the narrowed parameters, slicing each one's state (momentum, Adam moments) to match."""
+def carry_optimizer_state(optimizer: torch.optim.Optimizer, lineage: list, model_order: list[torch.Tensor]) -> None:
+    """Point ``optimizer`` at the narrowed parameters, slicing each one's state (momentum, Adam moments) to match.
+
+    Each group's parameters are put in the model's order, as a freshly built optimizer over the narrowed model
+    would list them, so a checkpoint written now resumes into one.
+    """
     replaced = {id(old): (new, index) for new, old, index in lineage}
+    position = {id(p): i for i, p in enumerate(model_order)}
     state = {}
     for group in optimizer.param_groups:
         params = []
@@ -306,7 +313,7 @@ def carry_optimizer_state(optimizer: torch.optim.Optimizer, lineage: list) -> No
                 carried = {key: _slice_like(value, param, new, index) for key, value in optimizer.state[param].items()}
                 if all(v is not None for v in carried.values()):
                     state[new] = carried
-        group["params"] = params
+        group["params"] = sorted(params, key=lambda p: position.get(id(p), len(position)))
     optimizer.state = defaultdict(dict, state)
 
 

@@ -34,6 +34,8 @@ def attach_masks(graph: ChannelGraph, prune_bias: dict[str, bool]) -> dict[str, 
     """
     masks: dict[str, FakeStructuredSparsity] = {}
     members = [m for root in graph.roots() for m in graph.spaces[root].members]
+    for module in [m.module for m in members] + [entry[1] for entry in graph.channelwise]:
+        graph.param_orders.setdefault(id(module), list(module._parameters))
     for member in members:
         masks[member.tensor_fqn] = attach_row_mask(member.module, member.tensor_name, member.dim)
     for member in members:
@@ -253,6 +255,9 @@ def _mutate(graph: ChannelGraph, keep, lstm_plans, folds) -> None:
             bake_masks(module)
             for name, original in originals.items():
                 lineage[id(getattr(module, name))] = (original, {})
+            order = graph.param_orders.get(id(module), [])
+            module._parameters = dict(sorted(module._parameters.items(),
+                                             key=lambda item: order.index(item[0]) if item[0] in order else len(order)))
     out_rows: dict[int, torch.Tensor] = {}
     for module, rule, root in graph.producers:
         kept = keep[graph.find(root)]

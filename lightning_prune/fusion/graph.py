@@ -174,6 +174,8 @@ class ChannelGraph:
         self.norms: list[tuple[nn.Module, Flow]] = []
         self.producers: list[tuple[nn.Module, R.LayerRule, int]] = []
         self._module_space: dict[int, int] = {}
+        #: each masked module's parameter order before masks were attached, restored when they are baked
+        self.param_orders: dict[int, list[str]] = {}
         self._consumed: dict[int, Flow] = {}
         for node in graph.nodes:
             self._visit(node)
