@@ -1,0 +1,444 @@
+"""The StructuredPruning callback inside real (tiny, CPU) Lightning runs: shrink, schedule, resume, reload, log."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import itertools
+import os
+from unittest import mock
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.strategies import ModelParallelStrategy, SingleDeviceStrategy
+from torch import nn
+from torch.nn.utils import parametrize
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_prune.callback import StructuredPruning
+from lightning_prune.checkpoint import load_pruned
+from lightning_prune.errors import PruningConfigError, UnsupportedPatternError
+from lightning_prune.measure import count_params
+from lightning_prune.sparsifier import SaliencyPruner
+
+IN, HIDDEN, CLASSES = 8, 16, 3
+BATCHES_PER_EPOCH = 4
+
+
+class TinyClassifier(pl.LightningModule):
+    """8 -> 16 -> 16 -> 3; with ``config=None`` the two hidden layers are pruned, the classifier is kept."""
+
+    def __init__(self, softmax_inside: bool = False):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(IN, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, HIDDEN), nn.ReLU(),
+                                 nn.Linear(HIDDEN, CLASSES))
+        self.softmax_inside = softmax_inside
+        self.test_widths: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.softmax_inside:  # the hidden channels meet a softmax: they cannot be removed exactly
+            x = torch.softmax(self.net[0](x), dim=-1)
+            return self.net[4](self.net[3](self.net[2](x)))
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", F.cross_entropy(self(x), y))
+
+    def test_step(self, batch, batch_idx):
+        x, y = batch
+        self.test_widths.append(self.net[0].out_features)
+        self.log("test_loss", F.cross_entropy(self(x), y))
+
+    def predict_step(self, batch, batch_idx):
+        return self(batch[0])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+
+def loader(batches: int = BATCHES_PER_EPOCH, seed: int = 0) -> DataLoader:
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(batches * 8, IN, generator=generator)
+    y = torch.randint(0, CLASSES, (batches * 8,), generator=generator)
+    return DataLoader(TensorDataset(x, y), batch_size=8)
+
+
+def probe() -> torch.Tensor:
+    return torch.randn(5, IN, generator=torch.Generator().manual_seed(1))
+
+
+def trainer_for(tmp_path, callbacks, **overrides) -> pl.Trainer:
+    options = {"accelerator": "cpu", "devices": 1, "max_epochs": 1, "logger": False, "enable_progress_bar": False,
+               "enable_model_summary": False, "enable_checkpointing": False, "default_root_dir": tmp_path,
+               "num_sanity_val_steps": 0, **overrides}
+    return pl.Trainer(callbacks=callbacks, **options)
+
+
+def pruning(sparsity: float = 0.5, **kwargs) -> StructuredPruning:
+    return StructuredPruning(SaliencyPruner(sparsity_level=sparsity), **kwargs)
+
+
+def outputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return model(x)
+
+
+def assert_shrunk(model: TinyClassifier) -> None:
+    """Both hidden layers lost half their channels; the classifier kept its classes; no masks remain."""
+    first, second, head = model.net[0], model.net[2], model.net[4]
+    assert (first.in_features, first.out_features) == (IN, HIDDEN // 2)
+    assert (second.in_features, second.out_features) == (HIDDEN // 2, HIDDEN // 2)
+    assert (head.in_features, head.out_features) == (HIDDEN // 2, CLASSES)
+    assert first.weight.shape == (HIDDEN // 2, IN) and head.weight.shape == (CLASSES, HIDDEN // 2)
+    assert not any(parametrize.is_parametrized(m) for m in model.modules())
+    assert not any(".parametrizations." in key for key in model.state_dict())
+
+
+class BatchCounter(Callback):
+    def __init__(self):
+        self.batches = 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.batches += 1
+
+
+class MaskedSnapshot(Callback):
+    """Placed before StructuredPruning, its on_train_end sees the masked model just before fusion.
+
+    It keeps outputs, not a deepcopy: a copy shares the parametrized class, which fusion then strips.
+    """
+
+    def on_train_end(self, trainer, pl_module):
+        self.was_masked = any(parametrize.is_parametrized(m) for m in pl_module.modules())
+        self.outputs = outputs(pl_module, probe())
+        pl_module.train()
+        self.params = count_params(pl_module)
+
+
+# --- shrinking ----------------------------------------------------------------------------------------------
+
+
+def test_fit_shrinks_the_module_in_place(tmp_path):
+    model = TinyClassifier()
+    snapshot, callback = MaskedSnapshot(), pruning()
+    trainer = trainer_for(tmp_path, [snapshot, callback], max_epochs=2)
+    trainer.fit(model, loader())
+
+    assert type(model) is TinyClassifier and trainer.lightning_module is model
+    assert_shrunk(model)
+    assert callback.fused
+    assert count_params(model) < snapshot.params
+    assert snapshot.was_masked
+    torch.testing.assert_close(outputs(model, probe()), snapshot.outputs, atol=1e-5, rtol=1e-5)
+    predictions = trainer.predict(model, loader(1))
+    assert predictions[0].shape == (8, CLASSES)
+
+
+def test_verify_raises_when_fusion_changes_the_output(tmp_path):
+    class CorruptingPruner(SaliencyPruner):
+        def prune(self):
+            model = super().prune()
+            with torch.no_grad():
+                model.net[2].bias.add_(1.0)
+            return model
+
+    callback = StructuredPruning(CorruptingPruner(sparsity_level=0.5))
+    with pytest.raises(RuntimeError, match="differs from the masked output"):
+        trainer_for(tmp_path, [callback]).fit(TinyClassifier(), loader())
+
+
+def test_trainer_test_after_fit_runs_on_the_pruned_model(tmp_path):
+    model = TinyClassifier()
+    trainer = trainer_for(tmp_path, [pruning()])
+    trainer.fit(model, loader())
+    results = trainer.test(model, loader(2), verbose=False)
+
+    assert model.test_widths == [HIDDEN // 2, HIDDEN // 2]
+    assert torch.isfinite(torch.tensor(results[0]["test_loss"]))
+    assert_shrunk(model)
+
+
+# --- configuration errors -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("softmax_inside", "config", "error", "named"),
+    [
+        (False, [{"tensor_fqn": "net.7.weight"}], PruningConfigError, "net.7.weight"),
+        (False, [{"tensor_fqn": "net.0.bias"}], PruningConfigError, "net.0.bias"),
+        (True, [{"tensor_fqn": "net.0.weight"}], UnsupportedPatternError, "net.0.weight"),
+    ],
+    ids=["unknown-fqn", "1d-tensor", "softmax-blocked"],
+)
+def test_bad_config_fails_at_setup_before_any_step(tmp_path, softmax_inside, config, error, named):
+    model = TinyClassifier(softmax_inside=softmax_inside)
+    dense = copy.deepcopy(model.state_dict())
+    counter = BatchCounter()
+    trainer = trainer_for(tmp_path, [counter, pruning(config=config)])
+    with pytest.raises(error, match=named.replace(".", r"\.")):
+        trainer.fit(model, loader())
+    assert counter.batches == 0
+    assert not any(parametrize.is_parametrized(m) for m in model.modules())
+    assert model.state_dict().keys() == dense.keys()
+
+
+def test_unknown_schedule_lists_the_choices():
+    with pytest.raises(PruningConfigError, match="'quadratic'") as raised:
+        pruning(schedule="quadratic")
+    assert all(name in str(raised.value) for name in ("oneshot", "linear", "cubic"))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "named"),
+    [
+        ({"schedule": "linear", "start_step": 5, "end_step": 5}, "end_step"),
+        ({"schedule": "cubic", "start_step": 6, "end_step": 2}, "end_step"),
+        ({"every_n_steps": 0}, "every_n_steps"),
+        ({"start_step": -1}, "start_step"),
+    ],
+    ids=["end-equals-start", "end-before-start", "every-0", "negative-start"],
+)
+def test_bad_step_bounds_fail_in_init(kwargs, named):
+    with pytest.raises(PruningConfigError, match=named):
+        pruning(**kwargs)
+
+
+def test_sparsity_out_of_range_is_refused():
+    with pytest.raises(PruningConfigError, match="1.5"):
+        SaliencyPruner(sparsity_level=1.5)
+    pruner = SaliencyPruner(sparsity_level=0.5)
+    pruner.defaults["sparsity_level"] = 1.5  # set after construction: the callback checks it again
+    with pytest.raises(PruningConfigError, match="1.5"):
+        StructuredPruning(pruner)
+
+
+@pytest.mark.parametrize("not_a_pruner", [object(), torch.nn.utils.prune, "saliency"], ids=["object", "module", "str"])
+def test_a_non_pruner_is_refused(not_a_pruner):
+    with pytest.raises(PruningConfigError, match="BaseStructuredSparsifier"):
+        StructuredPruning(not_a_pruner)
+
+
+def test_config_and_include_together_are_refused():
+    with pytest.raises(PruningConfigError, match="include"):
+        pruning(config=[{"tensor_fqn": "net.0.weight"}], include=["net"])
+
+
+# --- the schedule -------------------------------------------------------------------------------------------
+
+
+class SparsityRecorder(Callback):
+    """Placed after StructuredPruning: the fraction of masked rows after each training batch."""
+
+    def __init__(self, pruning_callback: StructuredPruning):
+        self.pruning = pruning_callback
+        self.fractions: list[float] = []
+        self.at_sanity_end: float | None = None
+
+    def _fraction(self) -> float:
+        masks = [state["mask"] for state in self.pruning.pruner.state.values()]
+        return sum(int((~m).sum()) for m in masks) / sum(m.numel() for m in masks)
+
+    def on_sanity_check_end(self, trainer, pl_module):
+        self.at_sanity_end = self._fraction()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.fractions.append(self._fraction())
+
+
+def test_linear_schedule_ramps_masks_to_the_target(tmp_path):
+    callback = pruning(schedule="linear", start_step=0, end_step=4, every_n_steps=1)
+    recorder = SparsityRecorder(callback)
+    model = TinyClassifier()
+    trainer_for(tmp_path, [callback, recorder], max_epochs=2).fit(model, loader())
+
+    fractions = recorder.fractions
+    assert len(fractions) == 2 * BATCHES_PER_EPOCH
+    assert all(a <= b for a, b in itertools.pairwise(fractions)), fractions
+    assert 0 < fractions[0] < 0.5  # a ramp, not a jump
+    assert len(set(fractions[:4])) == 4
+    assert fractions[3] == pytest.approx(0.5) and fractions[-1] == pytest.approx(0.5)
+    assert_shrunk(model)
+
+
+def test_no_pruning_during_the_sanity_check(tmp_path):
+    callback = pruning(schedule="oneshot", start_step=0)
+    recorder = SparsityRecorder(callback)
+    trainer = trainer_for(tmp_path, [callback, recorder], num_sanity_val_steps=2)
+    trainer.fit(TinyClassifier(), loader(), loader(2))
+
+    assert recorder.at_sanity_end == 0.0
+    assert recorder.fractions[0] == pytest.approx(0.5)
+
+
+def test_target_is_reached_when_training_stops_before_end_step(tmp_path):
+    model = TinyClassifier()
+    callback = pruning(schedule="cubic", start_step=0, end_step=100)
+    trainer_for(tmp_path, [callback], max_epochs=1).fit(model, loader())
+    assert_shrunk(model)
+
+
+# --- resume -------------------------------------------------------------------------------------------------
+
+
+def resumable_run(tmp_path, max_epochs: int, ckpt_path=None, checkpoint: ModelCheckpoint | None = None):
+    pl.seed_everything(0, verbose=False)
+    model = TinyClassifier()
+    callback = pruning(schedule="cubic", start_step=1, end_step=12, every_n_steps=2)
+    callbacks = [callback] + ([checkpoint] if checkpoint else [])
+    trainer = trainer_for(tmp_path, callbacks, max_epochs=max_epochs, deterministic=True,
+                          enable_checkpointing=checkpoint is not None)
+    trainer.fit(model, loader(), ckpt_path=ckpt_path)
+    return model, callback
+
+
+def test_resume_mid_schedule_equals_an_uninterrupted_run(tmp_path):
+    uninterrupted, _ = resumable_run(tmp_path / "a", max_epochs=4)
+
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1)
+    resumable_run(tmp_path / "b", max_epochs=2, checkpoint=checkpoint)
+    mid = tmp_path / "ckpt" / "epoch=1-step=8.ckpt"
+    saved = torch.load(mid, weights_only=False)
+    assert any(".parametrizations." in key for key in saved["state_dict"])  # masked, not yet fused
+    masks = [v for k, v in saved["state_dict"].items() if k.endswith(".mask")]
+    pruned_fraction = sum(int((~m).sum()) for m in masks) / sum(m.numel() for m in masks)
+    assert 0 < pruned_fraction < 0.5  # really mid-schedule
+
+    resumed, callback = resumable_run(tmp_path / "c", max_epochs=4, ckpt_path=mid)
+    assert callback.fused
+    assert_shrunk(resumed)
+    expected, actual = uninterrupted.state_dict(), resumed.state_dict()
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], atol=1e-5, rtol=0, msg=key)
+
+
+def test_a_checkpoint_taken_after_fusion_resumes(tmp_path):
+    model = TinyClassifier()
+    trainer = trainer_for(tmp_path, [pruning()], max_epochs=1)
+    trainer.fit(model, loader())
+    fused_path = tmp_path / "fused.ckpt"
+    trainer.save_checkpoint(fused_path)
+    fused_weights = copy.deepcopy(model.state_dict())
+
+    fresh, callback = TinyClassifier(), pruning()
+    trainer_for(tmp_path, [callback], max_epochs=3).fit(fresh, loader(), ckpt_path=fused_path)
+
+    assert callback.fused
+    assert_shrunk(fresh)
+    assert fresh.state_dict().keys() == fused_weights.keys()
+    # training continued on the narrow parameters (the optimizer holds them, not the dense ones)
+    assert not torch.equal(fresh.net[0].weight, fused_weights["net.0.weight"])
+
+
+# --- checkpoints and load_pruned ----------------------------------------------------------------------------
+
+
+def test_load_pruned_reloads_save_checkpoint_and_last_ckpt(tmp_path):
+    model = TinyClassifier()
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    trainer = trainer_for(tmp_path, [pruning(), checkpoint], max_epochs=2, enable_checkpointing=True)
+    trainer.fit(model, loader())
+    saved = tmp_path / "after_fit.ckpt"
+    trainer.save_checkpoint(saved)
+    expected = outputs(model, probe())
+
+    for path in (saved, tmp_path / "ckpt" / "last.ckpt"):
+        reloaded = load_pruned(TinyClassifier(), path)
+        assert_shrunk(reloaded)
+        torch.testing.assert_close(outputs(reloaded, probe()), expected, atol=0, rtol=0)
+
+
+# --- logging ------------------------------------------------------------------------------------------------
+
+
+def test_sparsity_is_logged_to_csv(tmp_path):
+    logger = CSVLogger(tmp_path, name="run", version=0)
+    trainer = trainer_for(tmp_path, [pruning(schedule="linear", end_step=4)], max_epochs=2, logger=logger,
+                          log_every_n_steps=1)
+    trainer.fit(TinyClassifier(), loader())
+
+    with open(os.path.join(logger.log_dir, "metrics.csv")) as handle:
+        rows = list(csv.DictReader(handle))
+    sparsities = [float(r["pruning/sparsity"]) for r in rows if r.get("pruning/sparsity")]
+    assert sparsities and max(sparsities) == pytest.approx(0.5)
+    params = [(float(r["pruning/params_before"]), float(r["pruning/params"])) for r in rows
+              if r.get("pruning/params")]
+    assert len(params) == 1 and params[0][1] < params[0][0]
+
+
+# --- trainer options ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"precision": "bf16-mixed"}, {"accumulate_grad_batches": 2}, {"fast_dev_run": True}],
+    ids=["bf16-mixed", "accumulate-2", "fast-dev-run"],
+)
+def test_trainer_options_still_shrink(tmp_path, options):
+    model = TinyClassifier()
+    callback = pruning(schedule="linear", start_step=0, end_step=2)
+    recorder = SparsityRecorder(callback)
+    trainer_for(tmp_path, [callback, recorder], max_epochs=2, **options).fit(model, loader())
+    assert callback.fused
+    assert_shrunk(model)
+    assert model.net[0].weight.dtype == torch.float32
+    assert recorder.fractions  # training really ran
+
+
+def test_accumulation_ticks_on_optimizer_steps(tmp_path):
+    callback = pruning(schedule="linear", start_step=0, end_step=4)
+    recorder = SparsityRecorder(callback)
+    trainer_for(tmp_path, [callback, recorder], max_epochs=2, accumulate_grad_batches=2).fit(
+        TinyClassifier(), loader())
+    # 8 batches are 4 optimizer steps, taken at batches 1, 3, 5, 7: the level changes only there
+    fractions = recorder.fractions
+    changed = [i for i in range(1, len(fractions)) if fractions[i] != fractions[i - 1]]
+    assert changed == [1, 3, 5, 7], fractions
+
+
+def test_fit_called_twice(tmp_path):
+    model = TinyClassifier()
+    callback = pruning()
+    trainer_for(tmp_path, [callback], max_epochs=1).fit(model, loader())
+    first = copy.deepcopy(model.state_dict())
+    trainer_for(tmp_path, [callback], max_epochs=1).fit(model, loader())
+
+    assert_shrunk(model)
+    assert model.state_dict().keys() == first.keys()
+    assert not torch.equal(model.net[0].weight, first["net.0.weight"])  # the second fit trained the narrow model
+
+
+# --- strategies ---------------------------------------------------------------------------------------------
+
+
+def test_a_sharded_strategy_is_refused_at_setup(tmp_path):
+    counter = BatchCounter()
+    model = TinyClassifier()
+    trainer = trainer_for(tmp_path, [counter, pruning()], strategy=ModelParallelStrategy())
+    with mock.patch.dict(os.environ):  # the strategy sets MASTER_ADDR/PORT and starts a process group
+        try:
+            with pytest.raises(PruningConfigError, match="ModelParallelStrategy.*Supported"):
+                trainer.fit(model, loader())
+        finally:
+            if torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
+    assert counter.batches == 0
+    assert not any(parametrize.is_parametrized(m) for m in model.modules())
+
+
+def test_fsdp_is_refused_by_name(tmp_path):
+    """Lightning's FSDPStrategy needs a GPU; a CPU strategy with its name stands in for it."""
+    fake_fsdp = type("FSDPStrategy", (SingleDeviceStrategy,), {})(device=torch.device("cpu"))
+    trainer = trainer_for(tmp_path, [pruning()], strategy=fake_fsdp)
+    with pytest.raises(PruningConfigError, match="FSDPStrategy"):
+        trainer.fit(TinyClassifier(), loader())
