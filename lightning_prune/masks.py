@@ -73,14 +73,14 @@ def attach_row_mask(module: nn.Module, tensor_name: str, dim: int = 0) -> FakeSt
     tensor = getattr(module, tensor_name)
     mask = torch.ones(tensor.shape[dim], dtype=torch.bool, device=tensor.device)
     parametrization = FakeStructuredSparsity(mask, dim)
-    parametrize.register_parametrization(module, tensor_name, parametrization)
+    parametrize.register_parametrization(module, tensor_name, parametrization, unsafe=True)
     return parametrization
 
 
 def attach_channel_mask(module: nn.Module, tensor_name: str, mask: ChannelMask) -> None:
     """Mask a 1-D tensor (bias, affine) of ``module`` with masks owned by other parametrizations."""
     if getattr(module, tensor_name, None) is not None:
-        parametrize.register_parametrization(module, tensor_name, mask)
+        parametrize.register_parametrization(module, tensor_name, mask, unsafe=True)
 
 
 def bake_masks(module: nn.Module, keep_masked_values: bool = True) -> None:
@@ -96,14 +96,13 @@ def bake_masks(module: nn.Module, keep_masked_values: bool = True) -> None:
             if any(isinstance(p, (FakeStructuredSparsity, ChannelMask)) for p in plist)]
     with torch.no_grad():
         if len(ours) == len(module.parametrizations) and all(len(module.parametrizations[n]) == 1 for n in ours):
-            values = {name: getattr(module, name) if keep_masked_values else module.parametrizations[name].original
-                      for name in ours}
             originals = {name: module.parametrizations[name].original for name in ours}
+            values = {name: getattr(module, name) for name in ours} if keep_masked_values else originals
             del module._modules["parametrizations"]
             module.__class__ = module.__class__.__bases__[0]
             for name, value in values.items():
-                module._parameters[name] = nn.Parameter(value.detach().clone(),
-                                                        requires_grad=originals[name].requires_grad)
+                module._parameters[name] = value if value is originals[name] else \
+                    nn.Parameter(value.detach(), requires_grad=originals[name].requires_grad)
             return
         for name in ours:
             parametrize.remove_parametrizations(module, name, leave_parametrized=keep_masked_values)

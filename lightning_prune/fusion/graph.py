@@ -9,7 +9,10 @@ mixes channels, or that we do not know, *blocks* the spaces that reach it. The r
 
 from __future__ import annotations
 
+import linecache
 import operator
+import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -104,14 +107,29 @@ class Step:
 
 
 class _Tracer(fx.Tracer):
-    """Treats every module with a fusion rule as a leaf and records source lines for error messages."""
+    """Treats every module with a fusion rule as a leaf and notes the user's source line of each node.
 
-    def __init__(self):
-        super().__init__()
-        self.record_stack_traces = True
+    (fx's own ``record_stack_traces`` costs a second of imports on first use; one frame walk is enough here.)
+    """
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return R.rule_for(m) is not None or super().is_leaf_module(m, module_qualified_name)
+
+    def create_node(self, *args, **kwargs) -> fx.Node:
+        node = super().create_node(*args, **kwargs)
+        node.meta["source"] = _user_frame()
+        return node
+
+
+def _user_frame() -> str | None:
+    """The innermost calling frame outside torch and this package: the line of the user's forward."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        path = frame.f_code.co_filename
+        if f"{os.sep}torch{os.sep}" not in path and f"{os.sep}lightning_prune{os.sep}fusion{os.sep}" not in path:
+            return f"{path}:{frame.f_lineno}: {linecache.getline(path, frame.f_lineno).strip()}"
+        frame = frame.f_back
+    return None
 
 
 def trace(model: nn.Module) -> fx.Graph:
@@ -139,15 +157,8 @@ _SHAPE_QUERIES = {"size", "dim", "numel", getattr}
 
 
 def _where(node: fx.Node) -> str:
-    """The node and the user's source line that made it (the last frame outside torch)."""
-    lines = (node.stack_trace or "").splitlines()
-    frames = [(lines[i].strip(), lines[i + 1].strip()) for i in range(len(lines) - 1)
-              if lines[i].lstrip().startswith("File ") and "/torch/" not in lines[i]]
-    if not frames:
-        return f"node '{node.name}'"
-    location, code = frames[-1]
-    path, _, rest = location.partition(", line ")
-    return f"node '{node.name}' ({path.removeprefix('File ').strip(chr(34))}:{rest.split(',')[0]}: {code})"
+    source = node.meta.get("source")
+    return f"node '{node.name}' ({source})" if source else f"node '{node.name}'"
 
 
 def _describe(node: fx.Node, modules: dict[str, nn.Module]) -> str:
@@ -456,6 +467,8 @@ class ChannelGraph:
         if isinstance(other, fx.Node) or not isinstance(flow, Flow):
             self._block(flow, f"{where} mixes the pruned channels with a tensor that no configured layer "
                               "produces; configure both sides of a residual connection")
+            if isinstance(flow, Flow):  # follow on, so blockers further down are reported too
+                self._pass(node, flow, lambda v: (v, True), flow_node)
             return
         if flow is lflow:
             self._pass(node, flow, lambda v: (op(v, other), True), flow_node)
@@ -615,10 +628,11 @@ def _function_const(node: fx.Node) -> Callable[[torch.Tensor], tuple[torch.Tenso
 
 
 def blocked_tensors(graph: ChannelGraph) -> dict[str, str]:
-    """Configured tensors that fusion cannot narrow exactly, with the first reason for each."""
+    """Configured tensors that fusion cannot narrow exactly, with every reason for each."""
     blocked = {}
     for root in graph.roots():
         space = graph.spaces[root]
+        reasons = "; and ".join(dict.fromkeys(space.blocked))
         for member in space.members if space.blocked else []:
-            blocked.setdefault(member.tensor_fqn, space.blocked[0])
+            blocked.setdefault(member.tensor_fqn, reasons)
     return blocked

@@ -29,12 +29,13 @@ LINEAGE: ContextVar[dict[int, tuple[torch.Tensor, dict[int, torch.Tensor]]] | No
 
 
 def _set(module: nn.Module, name: str, value: torch.Tensor, source: torch.Tensor, index: dict) -> None:
-    """Swap a parameter or buffer for ``value``, keeping its kind and requires_grad, and record where it came from."""
+    """Swap a parameter or buffer for ``value`` (a fresh tensor), keeping its kind and requires_grad, and record
+    where it came from."""
     if name in module._parameters:
-        value = nn.Parameter(value.detach().clone(), requires_grad=source.requires_grad)
+        value = nn.Parameter(value.detach(), requires_grad=source.requires_grad)
         module._parameters[name] = value
     else:
-        value = value.detach().clone()
+        value = value.detach()
         module._buffers[name] = value
     lineage = LINEAGE.get()
     if lineage is not None:

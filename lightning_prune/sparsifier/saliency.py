@@ -11,4 +11,4 @@ class SaliencyPruner(ScoringPruner):
     """Prunes the output channels whose weight rows have the smallest L1 norm."""
 
     def row_scores(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight.flatten(1).abs().sum(1)
+        return torch.linalg.vector_norm(weight.flatten(1), ord=1, dim=1)

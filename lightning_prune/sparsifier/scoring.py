@@ -42,9 +42,10 @@ class ScoringPruner(BaseStructuredSparsifier):
         different magnitude weigh the same. Input columns fed only by masked channels do not count."""
         total = None
         for member in members:
-            weight = getattr(member.module, member.tensor_name).detach().movedim(member.dim, 0)
+            # the raw weight: masked rows differ from the masked weight, but they are set to -inf below anyway
+            weight = member.module.parametrizations[member.tensor_name].original.detach().movedim(member.dim, 0)
             live = live_inputs(self.graph, member.module) if member.rows_per_channel == 1 else None
-            if live is not None and live.numel() == weight.shape[1]:
+            if live is not None and live.numel() == weight.shape[1] and not live.all():
                 weight = weight[:, live.to(weight.device)]
             scores = self.row_scores(weight).reshape(member.rows_per_channel, -1).sum(0).float()
             scale = scores[kept].abs().mean() if kept.any() else scores.abs().mean()
