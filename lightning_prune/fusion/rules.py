@@ -108,10 +108,15 @@ class LayerRule(Rule):
         raise NotImplementedError(f"{type(self).__name__} cannot fold constant inputs")
 
     def slice_out(self, module: nn.Module, keep: torch.Tensor) -> None:
-        raise NotImplementedError
+        """Keep output channels ``keep``: rows of the weight along ``channel_dim_of_weight``, and the bias."""
+        _select(module, "weight", self.channel_dim_of_weight(module), keep)
+        _select(module, "bias", 0, keep)
+        self.sync(module)
 
     def slice_in(self, module: nn.Module, keep: torch.Tensor) -> None:
-        raise NotImplementedError
+        """Keep input features ``keep``: the weight's other leading dimension."""
+        _select(module, "weight", 1 - self.channel_dim_of_weight(module), keep)
+        self.sync(module)
 
     def add_to_bias(self, module: nn.Module, delta: torch.Tensor) -> None:
         """Fold a constant into the bias, creating the bias if the layer had none."""
@@ -136,15 +141,6 @@ class LinearRule(LayerRule):
 
     def fold(self, module, removed, values):
         return module.weight[:, removed].to(values.dtype) @ values
-
-    def slice_out(self, module, keep):
-        _select(module, "weight", 0, keep)
-        _select(module, "bias", 0, keep)
-        self.sync(module)
-
-    def slice_in(self, module, keep):
-        _select(module, "weight", 1, keep)
-        self.sync(module)
 
     def sync(self, module):
         module.out_features, module.in_features = module.weight.shape
@@ -186,15 +182,6 @@ class ConvRule(LayerRule):
         weight = module.weight[:, removed].to(values.dtype)
         return (weight.flatten(2).sum(-1) * values).sum(-1)
 
-    def slice_out(self, module, keep):
-        _select(module, "weight", 0, keep)
-        _select(module, "bias", 0, keep)
-        self.sync(module)
-
-    def slice_in(self, module, keep):
-        _select(module, "weight", 1, keep)
-        self.sync(module)
-
     def sync(self, module):
         if module.groups > 1 and module.groups == module.in_channels == module.out_channels:
             DEPTHWISE.sync(module)
@@ -223,15 +210,6 @@ class ConvTransposeRule(ConvRule):
 
     def constant_input_is_constant(self, module) -> bool:
         return False
-
-    def slice_out(self, module, keep):
-        _select(module, "weight", 1, keep)
-        _select(module, "bias", 0, keep)
-        self.sync(module)
-
-    def slice_in(self, module, keep):
-        _select(module, "weight", 0, keep)
-        self.sync(module)
 
     def sync(self, module):
         module.in_channels, module.out_channels = module.weight.shape[:2]
