@@ -301,7 +301,7 @@ def carry_optimizer_state(optimizer: torch.optim.Optimizer, lineage: list, model
     Each group's parameters are put in the model's order, as a freshly built optimizer over the narrowed model
     would list them, so a checkpoint written now resumes into one.
     """
-    replaced = {id(old): (new, index) for new, old, index in lineage}
+    replaced = {old_id: (new, index) for new, old_id, index in lineage}
     position = {id(p): i for i, p in enumerate(model_order)}
     state = {}
     for group in optimizer.param_groups:

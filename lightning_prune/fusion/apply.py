@@ -66,8 +66,8 @@ class FusionResult:
     """What fusion did: the warnings it emitted, and where each new tensor came from (to carry optimizer state)."""
 
     notes: list[str]
-    #: (new tensor, the tensor it replaced, {dim: kept indices of the old one})
-    lineage: list[tuple[torch.Tensor, torch.Tensor, dict[int, torch.Tensor]]]
+    #: (new tensor, id of the tensor it replaced, {dim: kept indices of the old one})
+    lineage: list[tuple[torch.Tensor, int, dict[int, torch.Tensor]]]
 
 
 def live_inputs(graph: ChannelGraph, module: nn.Module) -> torch.Tensor | None:
@@ -254,7 +254,7 @@ def _mutate(graph: ChannelGraph, keep, lstm_plans, folds) -> None:
             originals = {name: plist.original for name, plist in module.parametrizations.items()}
             bake_masks(module)
             for name, original in originals.items():
-                lineage[id(getattr(module, name))] = (original, {})
+                lineage[id(getattr(module, name))] = (id(original), {})
             order = graph.param_orders.get(id(module), [])
             module._parameters = dict(sorted(module._parameters.items(),
                                              key=lambda item: order.index(item[0]) if item[0] in order else len(order)))

@@ -22,8 +22,9 @@ from torch import nn
 
 from lightning_prune.errors import PruningConfigError
 
-#: While fusion runs: id(new tensor) -> (the tensor it came from before fusion, {dim: kept indices}).
-LINEAGE: ContextVar[dict[int, tuple[torch.Tensor, dict[int, torch.Tensor]]] | None] = ContextVar(
+#: While fusion runs: id(new tensor) -> (id of the tensor it came from before fusion, {dim: kept indices}).
+#: Ids, not tensors, so the old full-size tensors are freed as soon as nothing else holds them.
+LINEAGE: ContextVar[dict[int, tuple[int, dict[int, torch.Tensor]]] | None] = ContextVar(
     "lightning_prune_lineage", default=None
 )
 
@@ -39,7 +40,7 @@ def _set(module: nn.Module, name: str, value: torch.Tensor, source: torch.Tensor
         module._buffers[name] = value
     lineage = LINEAGE.get()
     if lineage is not None:
-        root, previous = lineage.pop(id(source), (source, {}))
+        root, previous = lineage.pop(id(source), (id(source), {}))
         composed = dict(previous)
         for dim, kept in index.items():
             composed[dim] = previous[dim][kept.to(previous[dim].device)] if dim in previous else kept

@@ -52,7 +52,7 @@ class BaseStructuredSparsifier(abc.ABC):
         self.model: nn.Module | None = None
         self.graph: ChannelGraph | None = None
         self.pruned = False
-        #: after prune(): the warnings fusion gave, and (new tensor, old tensor, {dim: kept indices}) per tensor
+        #: after prune(): the warnings fusion gave, and (new tensor, id of the old one, {dim: kept indices})
         self.notes: list[str] = []
         self.lineage: list = []
 

@@ -47,7 +47,11 @@ class ScoringPruner(BaseStructuredSparsifier):
             live = live_inputs(self.graph, member.module) if member.rows_per_channel == 1 else None
             if live is not None and live.numel() == weight.shape[1] and not live.all():
                 weight = weight[:, live.to(weight.device)]
-            scores = self.row_scores(weight).reshape(member.rows_per_channel, -1).sum(0).float()
+            rows = kept.repeat(member.rows_per_channel).to(weight.device)
+            row_scores = torch.zeros(weight.shape[0], device=weight.device)
+            if rows.any():  # pruned rows score -inf later; leaving them out also keeps FPGM's median among the living
+                row_scores[rows] = self.row_scores(weight[rows] if not rows.all() else weight).float()
+            scores = row_scores.reshape(member.rows_per_channel, -1).sum(0)
             scale = scores[kept].abs().mean() if kept.any() else scores.abs().mean()
             scores = scores / scale.clamp_min(torch.finfo(scores.dtype).tiny)
             total = scores if total is None else total + scores
