@@ -89,11 +89,17 @@ class StructuredPruning(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        strategy = type(trainer.strategy).__name__
-        if strategy in _SHARDED_STRATEGIES:
+        strategy = trainer.strategy
+        if type(strategy).__name__ in _SHARDED_STRATEGIES:
             raise PruningConfigError(
-                f"StructuredPruning does not support {strategy}: it shards parameters, so masks and fusion cannot see "
-                "whole weights. Supported: single-device and DDP strategies (ddp, ddp_spawn, ddp_find_unused...)."
+                f"StructuredPruning does not support {type(strategy).__name__}: it shards parameters, so masks and "
+                "fusion cannot see whole weights. Supported: single-device and DDP strategies (ddp, ddp_spawn, "
+                "ddp_find_unused_parameters_true)."
+            )
+        if getattr(strategy, "_layer_sync", None) is not None:
+            raise PruningConfigError(
+                "StructuredPruning does not support Trainer(sync_batchnorm=True): Lightning swaps the BatchNorm "
+                "layers after setup, dropping their masks. Use sync_batchnorm=False (the default)."
             )
         if self._hook is None:
             self._hook = pl_module.register_load_state_dict_pre_hook(self._before_load)

@@ -442,3 +442,10 @@ def test_fsdp_is_refused_by_name(tmp_path):
     trainer = trainer_for(tmp_path, [pruning()], strategy=fake_fsdp)
     with pytest.raises(PruningConfigError, match="FSDPStrategy"):
         trainer.fit(TinyClassifier(), loader())
+
+
+def test_sync_batchnorm_is_refused_at_setup(tmp_path):
+    trainer = trainer_for(tmp_path, [pruning()])
+    trainer.strategy._layer_sync = object()  # what Trainer(sync_batchnorm=True) sets; it needs a GPU to construct
+    with pytest.raises(PruningConfigError, match="sync_batchnorm"):
+        trainer.fit(TinyClassifier(), loader())

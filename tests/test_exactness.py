@@ -227,6 +227,25 @@ def test_lstm_tied_gates_exact_over_sequence(case, prune_bias: bool):
     )
 
 
+class LastStepClassifier(nn.Module):
+    """batch_first LSTM whose last time step is classified: ``out[:, -1]`` indexes time, not the hidden units."""
+
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(8, 16, num_layers=2, batch_first=True)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.lstm(x)
+        return self.head(out[:, -1])
+
+
+def test_batch_first_lstm_last_step_prunes_exactly():
+    tensors = tuple(f"lstm.weight_{kind}_l{k}" for k in range(2) for kind in ("ih", "hh"))
+    prune_and_compare(LastStepClassifier(), LSTMSaliencyPruner(sparsity_level=0.5, tie_gates=True), tensors,
+                      torch.randn(3, 7, 8), narrows=tensors)
+
+
 # --- property tests over random stacks ----------------------------------------------------------------------
 
 

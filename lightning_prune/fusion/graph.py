@@ -371,7 +371,8 @@ class ChannelGraph:
         first = self._module_space[id(module)]
         layers = tuple(range(first, first + module.num_layers))
         h = module.hidden_size
-        out = Flow((Segment(layers[-1], h),), -1, None)
+        # batch_first only makes sense for batched (3-D) input, so then the rank is known and out[:, -1] is safe
+        out = Flow((Segment(layers[-1], h),), -1, 3 if module.batch_first else None)
         self.flows[node.name] = TupleFlow((out, TupleFlow((LayerStack(layers, h), LayerStack(layers, h)))))
         self.steps.append(Step(node.name, (), lambda: (torch.zeros(h, dtype=torch.float64), True)))
 
