@@ -93,7 +93,8 @@ def _evaluate(trainer: Trainer, module: LightningModule, datamodule: DigitsDataM
 
 
 def _measure(net: torch.nn.Module, example_input: torch.Tensor, settings: DictConfig) -> dict[str, float]:
-    example_input = example_input.to(next(net.parameters()).device)
+    """Size and CPU speed; Lightning has already moved the model back to the CPU when fit and test end."""
+    net.cpu()
     return {
         "params": count_params(net),
         "macs": count_macs(net, example_input),
