@@ -248,40 +248,56 @@ def _index(mask: torch.Tensor, module: nn.Module) -> torch.Tensor:
 
 
 def _mutate(graph: ChannelGraph, keep, lstm_plans, folds) -> None:
-    lineage = R.LINEAGE.get()
+    """Bake and narrow one module at a time, so at most one module's full-size copy exists beside the model."""
+    producers = {id(module): (rule, root) for module, rule, root in graph.producers}
+    channelwise = {id(module): (rule, flow) for _node, module, rule, flow in graph.channelwise}
+    norms = {id(module): flow for module, flow in graph.norms}
+    consumers = {id(c.module): c for c in graph.consumers}
     for module in graph.model.modules():
-        if has_masks(module):
-            originals = {name: plist.original for name, plist in module.parametrizations.items()}
-            bake_masks(module)
-            for name, original in originals.items():
-                lineage[id(getattr(module, name))] = (id(original), {})
-            order = graph.param_orders.get(id(module), [])
-            module._parameters = dict(sorted(module._parameters.items(),
-                                             key=lambda item: order.index(item[0]) if item[0] in order else len(order)))
-    out_rows: dict[int, torch.Tensor] = {}
-    for module, rule, root in graph.producers:
-        kept = keep[graph.find(root)]
-        rule.slice_out(module, _index(kept, module))
-        out_rows[id(module)] = kept
-    for plan in lstm_plans.values():
-        module, rule = plan["module"], R.rule_for(plan["module"])
-        for layer, spec in enumerate(plan["layers"]):
-            rule.slice_units(module, layer, _index(spec["ih"], module), _index(spec["hh"], module),
-                             spec["cols"] if callable(spec["cols"]) else _index(spec["cols"], module))
-            if layer:
-                rule.slice_layer_input(module, layer, _index(plan["outputs"][layer - 1], module))
-        out_rows[id(module)] = plan["layers"][0]["ih"]
-        rule.sync(module)
-    for _node, module, rule, flow in graph.channelwise:
-        rule.slice_channels(module, _index(_expand(graph, flow, keep), module))
-    for module, flow in graph.norms:
-        R.rule_for(module).slice_channels(module, _index(_expand(graph, flow, keep), module))
-    for consumer in graph.consumers:
-        module, rule = consumer.module, consumer.rule
-        rule.slice_in(module, _index(_expand(graph, consumer.flow, keep), module))
-        delta = folds.get(id(module))
-        if delta is not None:
-            rows = out_rows.get(id(module))
-            rule.add_to_bias(module, delta if rows is None else delta[_index(rows, module)])
-        if isinstance(module, nn.LSTM):
-            rule.sync(module)
+        key = id(module)
+        _bake(graph, module)
+        out_rows = None
+        if key in producers:
+            rule, root = producers[key]
+            out_rows = keep[graph.find(root)]
+            rule.slice_out(module, _index(out_rows, module))
+        if key in lstm_plans:
+            out_rows = _narrow_lstm(lstm_plans[key])
+        if key in channelwise:
+            rule, flow = channelwise[key]
+            rule.slice_channels(module, _index(_expand(graph, flow, keep), module))
+        if key in norms:
+            R.rule_for(module).slice_channels(module, _index(_expand(graph, norms[key], keep), module))
+        if key in consumers:
+            rule = consumers[key].rule
+            rule.slice_in(module, _index(_expand(graph, consumers[key].flow, keep), module))
+            if key in folds:
+                rule.add_to_bias(module, folds[key] if out_rows is None else folds[key][_index(out_rows, module)])
+            if isinstance(module, nn.LSTM):
+                rule.sync(module)
+
+
+def _bake(graph: ChannelGraph, module: nn.Module) -> None:
+    """Replace the module's masked tensors by plain ones, in the parameter order it had before masking."""
+    if not has_masks(module):
+        return
+    lineage = R.LINEAGE.get()
+    originals = {name: plist.original for name, plist in module.parametrizations.items()}
+    bake_masks(module)
+    for name, original in originals.items():
+        lineage[id(getattr(module, name))] = (id(original), {})
+    order = graph.param_orders.get(id(module), [])
+    module._parameters = dict(sorted(module._parameters.items(),
+                                     key=lambda item: order.index(item[0]) if item[0] in order else len(order)))
+
+
+def _narrow_lstm(plan: dict) -> torch.Tensor:
+    """Keep each layer's planned gate rows and hidden columns; returns the first layer's kept input-weight rows."""
+    module, rule = plan["module"], R.rule_for(plan["module"])
+    for layer, spec in enumerate(plan["layers"]):
+        rule.slice_units(module, layer, _index(spec["ih"], module), _index(spec["hh"], module),
+                         spec["cols"] if callable(spec["cols"]) else _index(spec["cols"], module))
+        if layer:
+            rule.slice_layer_input(module, layer, _index(plan["outputs"][layer - 1], module))
+    rule.sync(module)
+    return plan["layers"][0]["ih"]
