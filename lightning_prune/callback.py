@@ -122,7 +122,9 @@ class StructuredPruning(Callback):
         """Shape the model like a checkpoint written after fusion (or after a mid-fit shrink) before it loads."""
         dense = dense_view(state_dict)
         masked_checkpoint = len(dense) != len(state_dict)
-        if masked_checkpoint and not _shapes_differ(module, dense, prefix):
+        if not _shapes_differ(module, dense, prefix):
+            if not masked_checkpoint:  # dense weights (say, pretrained) for a model that is about to be pruned
+                _name_as_masked(module, state_dict, prefix)
             return  # the usual resume: same masks, same widths
         strip_masks(module)
         narrow_to_state_dict(module, dense, prefix)
@@ -334,6 +336,16 @@ def _slice_like(value: Any, old: torch.Tensor, new: torch.Tensor, index: dict[in
 def _shapes_differ(module: torch.nn.Module, dense: dict[str, torch.Tensor], prefix: str) -> bool:
     current = dense_view({prefix + k: v for k, v in module.state_dict().items()})
     return any(key in dense and tuple(value.shape) != tuple(dense[key].shape) for key, value in current.items())
+
+
+def _name_as_masked(module: torch.nn.Module, state_dict: dict[str, torch.Tensor], prefix: str) -> None:
+    """Rename a dense state dict's masked tensors to their parametrized names; the masks keep their values."""
+    for key, value in module.state_dict().items():
+        head, marker, tail = key.partition(".parametrizations.")
+        if not marker or prefix + key in state_dict:
+            continue
+        dense_key = f"{prefix}{head}.{tail.removesuffix('.original')}"
+        state_dict[prefix + key] = state_dict.pop(dense_key) if tail.endswith(".original") else value
 
 
 def _model_input(batch: Any) -> Any:

@@ -61,3 +61,26 @@ def test_dense_view_names_masked_tensors_as_the_plain_model_does():
     plain_keys = set(model.state_dict())
     lp.SaliencyPruner().prepare(model, [{"tensor_fqn": "0.weight"}])
     assert set(dense_view(model.state_dict())) == plain_keys
+
+
+def test_pruning_starts_from_a_dense_checkpoint(tmp_path):
+    dense = TinyClassifier()
+    trainer = trainer_for(tmp_path, [])
+    trainer.fit(dense, loader())
+    path = tmp_path / "dense.ckpt"
+    trainer.save_checkpoint(path)
+
+    model = TinyClassifier()
+    trainer_for(tmp_path, [pruning()], max_epochs=2).fit(model, loader(), ckpt_path=path)
+    assert model.net[0].out_features == 8  # pruned and fused, after resuming the dense weights and optimizer
+
+
+def test_loading_dense_weights_into_a_prepared_model_keeps_its_masks(tmp_path):
+    callback = pruning()
+    model = TinyClassifier()
+    trainer = trainer_for(tmp_path, [callback])
+    callback.setup(trainer, model, "fit")
+    dense = TinyClassifier().state_dict()
+    model.load_state_dict(dense)
+    torch.testing.assert_close(model.net[0].weight, dense["net.0.weight"])
+    assert callback.pruner.state["net.0.weight"]["mask"].all()
