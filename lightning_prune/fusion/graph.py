@@ -304,8 +304,8 @@ class ChannelGraph:
         return ok
 
     def _visit_layer(self, node, module, rule: R.LayerRule, flow: Flow | None, where: str) -> None:
-        if flow is not None and self._consume(node, module, rule, flow, where):
-            pass
+        if flow is not None:
+            self._consume(node, module, rule, flow, where)
         members = [(fqn, name) for fqn, (m, name) in self.configured.items() if m is module]
         if isinstance(module, nn.LSTM):
             self._produce_lstm(node, module, members)
@@ -324,9 +324,9 @@ class ChannelGraph:
         self.flows[node.name] = out
         self.steps.append(Step(node.name, (), _producer_const(module)))
 
-    def _consume(self, node, module, rule: R.LayerRule, flow: Flow, where: str) -> bool:
+    def _consume(self, node, module, rule: R.LayerRule, flow: Flow, where: str) -> None:
         if not self._check_channel_dim(flow, rule.channel_dim == -1, where):
-            return False
+            return
         expected = rule.in_channels(module)
         blocks = {s.block for s in flow.segments}
         if blocks == {None} and expected % flow.width == 0:
@@ -335,19 +335,18 @@ class ChannelGraph:
         features = sum(s.size * (s.block or 0) for s in flow.segments)
         if None in {s.block for s in flow.segments} or features != expected:
             self._block(flow, f"{where} expects {expected} input features but the pruned channels give {features}")
-            return False
+            return
         if rule.channel_dim == 1 and any(s.block != 1 for s in flow.segments):
             self._block(flow, f"{where} takes flattened channels")
-            return False
+            return
         previous = self._consumed.get(id(module))
         if previous is not None and previous != flow:
             self._block(flow, f"{where} is called on differently pruned inputs")
             self._block(previous, f"{where} is called on differently pruned inputs")
-            return False
+            return
         if previous is None:
             self._consumed[id(module)] = flow
             self.consumers.append(Consumer(node.name, module, rule, node.args[0].name, flow))
-        return True
 
     def _produce_lstm(self, node, module: nn.LSTM, members: list[tuple[str, str]]) -> None:
         if not members:
