@@ -19,6 +19,8 @@ class FPGMPruner(ScoringPruner):
             (N, N) distance matrix. Default: 2.
     """
 
+    rows_interact = True
+
     def __init__(self, sparsity_level: float = 0.5, dist: Callable | int | None = None, **kwargs):
         if dist is None:
             dist = 2

@@ -20,6 +20,9 @@ class ScoringPruner(BaseStructuredSparsifier):
     Channels pruned earlier score lowest, so a rising schedule only ever adds to the pruned set.
     """
 
+    #: whether a row's score depends on the other rows (FPGM's distances do; a norm does not)
+    rows_interact = False
+
     @abc.abstractmethod
     def row_scores(self, weight: torch.Tensor) -> torch.Tensor:
         """One importance score per row of ``weight`` (higher is kept)."""
@@ -46,11 +49,13 @@ class ScoringPruner(BaseStructuredSparsifier):
             weight = member.module.parametrizations[member.tensor_name].original.detach().movedim(member.dim, 0)
             live = live_inputs(self.graph, member.module) if member.rows_per_channel == 1 else None
             if live is not None and live.numel() == weight.shape[1] and not live.all():
-                weight = weight[:, live.to(weight.device)]
-            rows = kept.repeat(member.rows_per_channel).to(weight.device)
-            row_scores = torch.zeros(weight.shape[0], device=weight.device)
-            if rows.any():  # pruned rows score -inf later; leaving them out also keeps FPGM's median among the living
-                row_scores[rows] = self.row_scores(weight[rows] if not rows.all() else weight).float()
+                weight = weight.index_select(1, live.nonzero().flatten().to(weight.device))
+            if self.rows_interact and not kept.all():  # keep the pruned rows out of the living rows' comparison
+                rows = kept.repeat(member.rows_per_channel).nonzero().flatten().to(weight.device)
+                row_scores = torch.zeros(weight.shape[0], device=weight.device)
+                row_scores[rows] = self.row_scores(weight.index_select(0, rows)).float()
+            else:  # rows are scored on their own; pruned ones are set to -inf afterwards anyway
+                row_scores = self.row_scores(weight).float()
             scores = row_scores.reshape(member.rows_per_channel, -1).sum(0)
             scale = scores[kept].abs().mean() if kept.any() else scores.abs().mean()
             scores = scores / scale.clamp_min(torch.finfo(scores.dtype).tiny)
