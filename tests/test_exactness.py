@@ -19,6 +19,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
+from lightning_prune.errors import UnsupportedPatternError
 from lightning_prune.sparsifier import BaseStructuredSparsifier, LSTMSaliencyPruner, SaliencyPruner
 from tests import models
 from tests.models import assert_outputs_match, randomize_norms
@@ -244,6 +245,37 @@ def test_batch_first_lstm_last_step_prunes_exactly():
     tensors = tuple(f"lstm.weight_{kind}_l{k}" for k in range(2) for kind in ("ih", "hh"))
     prune_and_compare(LastStepClassifier(), LSTMSaliencyPruner(sparsity_level=0.5, tie_gates=True), tensors,
                       torch.randn(3, 7, 8), narrows=tensors)
+
+
+class ViewFlatten(nn.Module):
+    """The classic CIFAR idiom: ``x.view(x.size(0), -1)`` (or ``x.reshape(x.shape[0], -1)``) before the classifier."""
+
+    def __init__(self, use_shape: bool):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.bn = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8 * 4 * 4, 5)
+        self.use_shape = use_shape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn(self.conv(x)))
+        x = x.reshape(x.shape[0], -1) if self.use_shape else x.view(x.size(0), -1)
+        return self.fc(x)
+
+
+@pytest.mark.parametrize("use_shape", [False, True], ids=["view_size", "reshape_shape"])
+def test_view_of_batch_size_flattens_exactly(use_shape: bool):
+    prune_and_compare(ViewFlatten(use_shape), SaliencyPruner(sparsity_level=0.5), ("conv.weight",),
+                      torch.randn(2, 3, 6, 6), narrows=("conv.weight",))
+
+
+def test_a_channel_mixing_view_is_refused():
+    class MixingView(ViewFlatten):
+        def forward(self, x):
+            return self.fc(F.relu(self.conv(x)).view(-1, 8 * 16))
+
+    with pytest.raises(UnsupportedPatternError, match="reshapes the pruned channels"):
+        SaliencyPruner().prepare(MixingView(False), [{"tensor_fqn": "conv.weight"}])
 
 
 # --- property tests over random stacks ----------------------------------------------------------------------

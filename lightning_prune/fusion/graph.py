@@ -151,6 +151,7 @@ _BINARY = {
     "div": operator.truediv,
 }
 _FLATTEN = {torch.flatten, "flatten"}
+_RESHAPE = {torch.reshape, "reshape", "view"}
 _CAT = {torch.cat, torch.concat, torch.concatenate}
 _MEANS = {torch.mean, "mean", torch.amax, "amax"}
 _SHAPE_QUERIES = {"size", "dim", "numel", getattr}
@@ -438,6 +439,8 @@ class ChannelGraph:
             start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
             end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
             self._flatten(node, flow, start, end)
+        elif target in _RESHAPE:
+            self._reshape(node, self._first_flow(node, inputs), where)
         elif target in _CAT:
             self._cat(node, where)
         elif target in _MEANS:
@@ -512,6 +515,18 @@ class ChannelGraph:
             return
         self._block(flow, f"flatten({start}, {end}) at {_where(node)} interleaves the pruned channels")
 
+    def _reshape(self, node: fx.Node, flow: Flow | None, where: str) -> None:
+        """``x.view(x.size(0), -1)`` is ``flatten(x, 1)``; any other reshape may mix the channels."""
+        if flow is None:
+            return
+        shape = node.args[1:] if isinstance(node.target, str) else node.args[1]
+        if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+            shape = shape[0]
+        if len(shape) == 2 and shape[1] == -1 and _is_batch_size(shape[0], node.args[0]):
+            self._flatten(node, flow, 1, -1)
+        else:
+            self._block(flow, f"{where} reshapes the pruned channels; use torch.flatten(x, 1) or x.view(x.size(0), -1)")
+
     def _cat(self, node: fx.Node, where: str) -> None:
         tensors = node.args[0] if node.args else node.kwargs.get("tensors")
         dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
@@ -563,6 +578,19 @@ class ChannelGraph:
         padding = padding if isinstance(padding, (tuple, list)) else (padding,)
         independent = not (zero_pads and bound.get("count_include_pad", True) and any(p > 0 for p in padding))
         self._pass(node, flow, lambda v: (v, independent))
+
+
+def _is_batch_size(value: object, tensor: fx.Node) -> bool:
+    """Whether ``value`` is ``tensor.size(0)`` or ``tensor.shape[0]`` in the traced graph."""
+    if not isinstance(value, fx.Node):
+        return False
+    if value.op == "call_method" and value.target == "size":
+        dim = value.args[1] if len(value.args) > 1 else value.kwargs.get("dim")
+        return value.args[0] is tensor and dim == 0
+    if value.op == "call_function" and value.target is operator.getitem and value.args[1] == 0:
+        shape = value.args[0]
+        return isinstance(shape, fx.Node) and shape.target is getattr and shape.args == (tensor, "shape")
+    return False
 
 
 def _bound_args(node: fx.Node) -> dict:
