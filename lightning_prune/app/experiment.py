@@ -17,8 +17,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from lightning_prune.app.data import DigitsDataModule
 from lightning_prune.measure import count_macs, count_params, latency_ms
+from lightning_prune.report import METRICS_FILE
 
-METRICS_FILE = "metrics.json"
 RESOLVED_CONFIG_FILE = "resolved_config.yaml"
 CHECKPOINT_FILE = "pruned.ckpt"
 
