@@ -96,14 +96,19 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def test_ddp_ranks_with_differently_seeded_pruners_end_identical(tmp_path):
-    script = tmp_path / "ddp_run.py"
-    script.write_text(SCRIPT)
+def run_ddp_script(tmp_path, source: str) -> subprocess.CompletedProcess:
+    """Run a 2-rank DDP script in a fresh process (Lightning re-launches it per rank) with a clean DDP env."""
+    script = tmp_path / "ddp_script.py"
+    script.write_text(source)
     env = {k: v for k, v in os.environ.items()
            if k not in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK")}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    run = subprocess.run([sys.executable, str(script), str(tmp_path)], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=180)
+    return subprocess.run([sys.executable, str(script), str(tmp_path)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=180)
+
+
+def test_ddp_ranks_with_differently_seeded_pruners_end_identical(tmp_path):
+    run = run_ddp_script(tmp_path, SCRIPT)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
 
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))

@@ -6,11 +6,7 @@ both), so every test here compares the two, or a resumed / distributed shrinking
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -20,8 +16,8 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning_prune.errors import PruningConfigError
 from lightning_prune.measure import count_params
 from tests.test_callback import HIDDEN, TinyClassifier, assert_shrunk, loader, outputs, probe, pruning, trainer_for
+from tests.test_ddp import run_ddp_script
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 EPOCHS = 4  # 16 optimizer steps of 4 batches per epoch; the ramp in ``run`` ticks every 2 steps until step 12
 
 
@@ -242,13 +238,7 @@ DDP_SCRIPT = textwrap.dedent(
 
 
 def test_ddp_ranks_stay_identical_through_mid_fit_shrinks(tmp_path):
-    script = tmp_path / "ddp_shrink.py"
-    script.write_text(DDP_SCRIPT)
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK")}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    done = subprocess.run([sys.executable, str(script), str(tmp_path)], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=180)
+    done = run_ddp_script(tmp_path, DDP_SCRIPT)
     log = done.stdout[-3000:] + done.stderr[-3000:]
     assert done.returncode == 0, log
     assert "unused parameters" not in log
