@@ -340,3 +340,47 @@ def test_config_none_leaves_out_unremovable_tensors():
 def test_base_class_cannot_be_instantiated():
     with pytest.raises(TypeError, match="BaseStructuredSparsifier.*update_mask"):
         BaseStructuredSparsifier()
+
+
+@pytest.mark.parametrize(
+    ("make", "bad"),
+    [
+        (lambda: SaliencyPruner(amount=0.3), "amount"),
+        (lambda: SaliencyPruner(sparsity_levl=0.3), "sparsity_levl"),
+        (lambda: SaliencyPruner({"sparsity": 0.3}), "sparsity"),
+    ],
+)
+def test_built_in_pruner_refuses_unknown_hyperparameters(make, bad):
+    with pytest.raises(PruningConfigError, match=rf"{bad}.*accepts \['prune_bias', 'sparsity_level'\]"):
+        make()
+
+
+def test_unknown_hyperparameter_in_a_config_entry_is_refused_before_masks():
+    model = models.LinearBias()
+    with pytest.raises(PruningConfigError, match="sparsity_levl.*did you mean 'sparsity_level'"):
+        SaliencyPruner(sparsity_level=0.5).prepare(model, [{"tensor_fqn": "seq.0.weight", "sparsity_levl": 0.1}])
+    assert not any(parametrize.is_parametrized(m) for m in model.modules())
+
+
+def test_custom_pruner_without_declared_keys_accepts_any_key():
+    class Custom(BaseStructuredSparsifier):
+        def update_mask(self, module, tensor_name, **kwargs):
+            pass
+
+    assert Custom({"test": 3}).defaults["test"] == 3
+
+
+def test_explicit_output_layer_refused_when_output_is_protected():
+    model = models.LinearBias()
+    pruner = SaliencyPruner(sparsity_level=0.5)
+    with pytest.raises(PruningConfigError, match=r"\['seq.4.weight'\].*reach the model's output"):
+        pruner.prepare(model, [{"tensor_fqn": "seq.0.weight"}, {"tensor_fqn": "seq.4.weight"}], exclude_output=True)
+    assert not any(parametrize.is_parametrized(m) for m in model.modules())
+    pruner.prepare(model, [{"tensor_fqn": "seq.0.weight"}], exclude_output=True)
+    assert [g["tensor_fqn"] for g in pruner.groups] == ["seq.0.weight"]
+
+
+@pytest.mark.parametrize("bad", [3, "x", {1: torch.ones(1)}])
+def test_bad_example_inputs_refused(bad):
+    with pytest.raises(PruningConfigError, match="example_inputs must be a tensor, a tuple"):
+        SaliencyPruner(sparsity_level=0.5).prepare(models.LinearBias(), None, example_inputs=bad)

@@ -11,7 +11,8 @@ import copy
 import difflib
 import numbers
 import re
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -39,22 +40,44 @@ class BaseStructuredSparsifier(abc.ABC):
         defaults: hyper-parameters merged into every group (``sparsity_level``, ``prune_bias``, anything a
             custom ``update_mask`` reads). Keyword arguments are merged on top, so configs can say
             ``SaliencyPruner(sparsity_level=0.5)``.
+
+    Raises:
+        PruningConfigError: ``defaults`` is not a dict, ``sparsity_level`` is outside [0, 1), or a key is not in
+            :attr:`hyperparameters` (when the class declares them, as the built-in pruners do).
     """
+
+    #: the group keys ``update_mask`` reads. ``None`` (the default, as in the seed) accepts any key; a pruner that
+    #: declares its keys gets unknown ones (typos such as ``sparsity_levl``) refused at construction and prepare().
+    hyperparameters: ClassVar[frozenset[str] | None] = None
 
     def __init__(self, defaults: dict[str, Any] | None = None, **kwargs: Any):
         if defaults is not None and not isinstance(defaults, dict):
             raise PruningConfigError(f"defaults must be a dict or None, got {type(defaults).__name__}")
         self.defaults = {**DEFAULTS, **(defaults or {}), **kwargs}
+        self._check_keys(self.defaults, type(self).__name__)
         check_sparsity(self.defaults["sparsity_level"], type(self).__name__)
         self.groups: list[dict[str, Any]] = []
         self.state: dict[str, dict[str, Any]] = {}
         self.enable_mask_update = True
         self.model: nn.Module | None = None
+        self.example_inputs: tuple[tuple, dict] | None = None
         self.graph: ChannelGraph | None = None
         self.pruned = False
         #: after prune(): the warnings fusion gave, and (new tensor, id of the old one, {dim: kept indices})
         self.notes: list[str] = []
         self.lineage: list = []
+
+    def _check_keys(self, entry: Mapping[str, Any], where: str) -> None:
+        if self.hyperparameters is None:
+            return
+        unknown = sorted(set(entry) - self.hyperparameters - set(_RESERVED))
+        if unknown:
+            close = {k: difflib.get_close_matches(k, self.hyperparameters, n=1) for k in unknown}
+            hints = "".join(f" ('{k}': did you mean '{c[0]}'?)" for k, c in close.items() if c)
+            raise PruningConfigError(
+                f"{where}: unknown hyper-parameter(s) {unknown}{hints}; {type(self).__name__} accepts "
+                f"{sorted(self.hyperparameters)}"
+            )
 
     @abc.abstractmethod
     def update_mask(self, module: nn.Module, tensor_name: str, **kwargs: Any) -> None:
@@ -69,13 +92,23 @@ class BaseStructuredSparsifier(abc.ABC):
         include: list[str] | None = None,
         exclude: list[str] | None = None,
         exclude_output: bool = False,
+        example_inputs: Any = None,
     ) -> None:
         """Check ``config`` against ``model``, trace it, and attach masks; the model is untouched on error.
 
         ``config=None`` takes every supported weight (Linear, ConvNd, LSTM) whose channels fusion can remove
         exactly, optionally narrowed by ``include``/``exclude`` regexes over tensor FQNs and, with
         ``exclude_output``, leaving out layers whose channels reach the model's output (a classifier keeps its
-        classes). An explicit ``config`` is honoured exactly or refused.
+        classes). An explicit ``config`` is honoured exactly or refused; with ``exclude_output`` it is also refused
+        when it names a layer whose channels reach the output.
+
+        ``example_inputs`` are the arguments of one ``model.forward`` call: a tuple of positional arguments, a dict
+        of keyword arguments, or a single tensor.
+
+        Raises:
+            PruningConfigError: a bad config entry, an unknown tensor, a bad hyper-parameter, bad example inputs.
+            UnsupportedPatternError: a configured tensor whose channels fusion cannot remove exactly.
+            PrunerStateError: the pruner is already prepared.
         """
         if not isinstance(model, nn.Module):
             raise PruningConfigError(f"prepare() needs an nn.Module, got {type(model).__name__}")
@@ -83,6 +116,7 @@ class BaseStructuredSparsifier(abc.ABC):
             raise PrunerStateError("this pruner is already prepared; create a new pruner for another model")
         if has_masks_anywhere(model):
             raise PruningConfigError("the model already carries pruning masks; prepare a fresh copy of the model")
+        self.example_inputs = normalize_example_inputs(example_inputs)
         explicit = config is not None
         if explicit:
             groups = self._groups_from_config(model, config)
@@ -96,6 +130,15 @@ class BaseStructuredSparsifier(abc.ABC):
             if dropped and explicit:
                 fqn, reason = next(iter(dropped.items()))
                 raise UnsupportedPatternError(f"cannot prune '{fqn}' exactly: {reason}")
+            if exclude_output and explicit:
+                reaching = [m.tensor_fqn for r in graph.roots() if graph.spaces[r].reaches_output
+                            for m in graph.spaces[r].members]
+                if reaching:
+                    raise PruningConfigError(
+                        f"config names {reaching}, whose channels reach the model's output: pruning them changes "
+                        "the output's width (a classifier would lose classes). Leave them out of the config, or "
+                        "opt in to narrowing the output explicitly."
+                    )
             if exclude_output and not explicit:
                 dropped.update({m.tensor_fqn: "reaches the output" for r in graph.roots()
                                 if graph.spaces[r].reaches_output for m in graph.spaces[r].members})
@@ -119,6 +162,7 @@ class BaseStructuredSparsifier(abc.ABC):
                 raise PruningConfigError(f"tensor_fqn '{fqn}' is configured twice")
             seen.add(fqn)
             module, module_fqn, tensor_name = _resolve(model, fqn)
+            self._check_keys(entry, f"config entry for '{fqn}'")
             group = {**self.defaults, **{k: v for k, v in entry.items() if k not in _RESERVED}}
             check_sparsity(group["sparsity_level"], f"tensor '{fqn}'")
             groups.append({**group, "module": module, "module_fqn": module_fqn, "tensor_name": tensor_name,
@@ -211,6 +255,23 @@ class BaseStructuredSparsifier(abc.ABC):
             params = {k: v for k, v in group.items() if k not in _RESERVED}
             lines.append(f"    {group['tensor_fqn']}: {params}")
         return "\n".join(lines + [")"])
+
+
+def normalize_example_inputs(example_inputs: Any) -> tuple[tuple, dict] | None:
+    """``(args, kwargs)`` for ``model.forward`` from a tensor, a tuple/list of positional arguments or a dict of
+    keyword arguments (Lightning's ``example_input_array`` convention); ``None`` stays ``None``."""
+    if example_inputs is None:
+        return None
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,), {}
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs), {}
+    if isinstance(example_inputs, Mapping) and all(isinstance(k, str) for k in example_inputs):
+        return (), dict(example_inputs)
+    raise PruningConfigError(
+        f"example_inputs must be a tensor, a tuple of positional arguments or a dict of keyword arguments for "
+        f"model.forward, got {type(example_inputs).__name__}"
+    )
 
 
 def _filter_fqns(groups: list[dict[str, Any]], include: list[str] | None, exclude: list[str] | None):

@@ -20,6 +20,7 @@ class ScoringPruner(BaseStructuredSparsifier):
     Channels pruned earlier score lowest, so a rising schedule only ever adds to the pruned set.
     """
 
+    hyperparameters = frozenset({"sparsity_level", "prune_bias"})
     #: whether a row's score depends on the other rows (FPGM's distances do; a norm does not)
     rows_interact = False
 
