@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from lightning_prune.errors import PruningConfigError
-from lightning_prune.fusion import rules as R
+from lightning_prune.fusion.rules import registry
 from lightning_prune.masks import bake_masks
 
 
@@ -43,7 +43,7 @@ def narrow_to_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor
                 getattr(module, kind)[tensor_name] = nn.Parameter(fresh) if kind == "_parameters" else fresh
                 resized = True
         if resized:
-            rule = R.rule_for(module)
+            rule = registry.active().module_rule(module)
             if hasattr(rule, "sync"):
                 rule.sync(module)
             changed.append(name)

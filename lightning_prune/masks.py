@@ -33,29 +33,47 @@ class FakeStructuredSparsity(nn.Module):
 
 
 class ChannelMask(nn.Module):
-    """Masks a per-channel tensor (a bias, a norm's affine) with masks owned elsewhere.
+    """Masks a per-channel tensor (a bias, a norm's affine) with row masks owned elsewhere.
 
-    The channel dimension may be made of segments (a concat), each kept where any of its sources keeps it; a segment
-    without sources is always kept. The sources are referenced, not registered, so the masks are stored once.
+    Position ``p`` of the tensor (along ``dim``) belongs to class ``positions[p]`` (-1: no class, always kept); a
+    class is kept when any row of any source that belongs to it is kept (``rows[k][r]`` is the class of row ``r`` of
+    source ``k``; rows of other classes are ignored). The sources are referenced, not registered, so each mask is
+    stored once, in its own module's state.
     """
 
-    def __init__(self, segments: Sequence[tuple[Sequence[FakeStructuredSparsity], int]]):
+    def __init__(self, sources: Sequence[FakeStructuredSparsity], rows: Sequence[torch.Tensor],
+                 positions: torch.Tensor, classes: int, dim: int = 0):
         super().__init__()
-        object.__setattr__(self, "_segments", [(list(sources), size) for sources, size in segments])
+        object.__setattr__(self, "_sources", list(sources))
+        for k, row_classes in enumerate(rows):
+            self.register_buffer(f"rows{k}", row_classes.clamp(-1, classes).masked_fill(row_classes < 0, classes),
+                                 persistent=False)
+        self.register_buffer("positions", positions, persistent=False)
+        self.classes = classes
+        self.dim = dim
+        #: every source's rows are exactly the positions, in order: the mask is the OR of the source masks
+        self.aligned = bool((positions >= 0).all()) and all(torch.equal(r, positions) for r in rows)
 
     def channel_mask(self, device: torch.device) -> torch.Tensor:
-        parts = []
-        for sources, size in self._segments:
-            keep = torch.ones(size, dtype=torch.bool, device=device)
-            if sources:
-                keep = sources[0].mask.to(device)
-                for source in sources[1:]:
-                    keep = keep | source.mask.to(device)
-            parts.append(keep)
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+        if self.aligned:
+            keep = self._sources[0].mask.to(device)
+            for source in self._sources[1:]:
+                keep = keep | source.mask.to(device)
+            return keep
+        counts = torch.zeros(self.classes + 1, dtype=torch.long, device=device)
+        for k, source in enumerate(self._sources):
+            counts.index_add_(0, getattr(self, f"rows{k}").to(device), source.mask.to(device).long())
+        kept = counts[: self.classes] > 0
+        positions = self.positions.to(device)
+        keep = torch.ones(positions.shape, dtype=torch.bool, device=device)
+        live = positions >= 0
+        keep[live] = kept[positions[live]]
+        return keep
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.channel_mask(x.device)
+        shape = [1] * x.dim()
+        shape[self.dim] = -1
+        return x * self.channel_mask(x.device).reshape(shape)
 
 
 def row_mask(module: nn.Module, tensor_name: str) -> FakeStructuredSparsity | None:

@@ -1,5 +1,23 @@
-"""The fx fusion pass: channel dependency analysis, the rule registry, and in-place shrinking."""
+"""Analysis and surgery: the channel dependency analysis, the rule registry, and in-place narrowing.
 
-from lightning_prune.fusion.rules import ChannelwiseRule, ElementwiseRule, LayerRule, Rule, register_layer
+It knows masks and layers, never pruners: ``trace`` reads the model, ``walk`` follows every channel through its
+rules, ``plan`` settles what can be pruned, ``attach`` puts the masks on, and ``apply`` narrows the modules.
+"""
 
-__all__ = ["ChannelwiseRule", "ElementwiseRule", "LayerRule", "Rule", "register_layer"]
+from lightning_prune.fusion.rules import (
+    BlockingRule,
+    ChannelwiseRule,
+    ElementwiseRule,
+    LayerRule,
+    Rule,
+    RuleKind,
+    register_by_name,
+    register_function,
+    register_layer,
+    rules_scope,
+)
+
+__all__ = [
+    "BlockingRule", "ChannelwiseRule", "ElementwiseRule", "LayerRule", "Rule", "RuleKind", "register_by_name",
+    "register_function", "register_layer", "rules_scope",
+]

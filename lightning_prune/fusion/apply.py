@@ -1,303 +1,250 @@
-"""Attach the masks that keep the masked model equal to the final one, and later shrink the layers in place.
+"""Execute a plan: decide every class, check it all, then narrow the user's modules in place, atomically.
 
-``fuse`` works in three passes so that it never leaves a model half-modified: it first follows the constant that each
-removed channel still emits (its bias, or ``sigmoid(0)``), then decides every layer's kept channels and the constants
-to fold into the next biases, checking everything, and only then bakes the masks and narrows the modules.
+1. *Decide*: a class of channels is kept when any configured row in it is kept by its mask, when something blocks
+   its removal, when its removed constant would depend on position, or when a layer would otherwise lose all its
+   channels.
+2. *Fold*: the constant each removed channel still emits is added to the bias of the layer that reads it.
+3. *Narrow*: every bound tensor keeps the indices whose channel is kept; masks are removed (masked positions that
+   stay are zeroed), biases take their folds, and each rule resets its module's size attributes. All of it goes
+   through a :class:`~.surgery.Surgery` journal, so an error anywhere restores the model as it was.
 """
 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
-from lightning_prune.errors import UnsupportedPatternError
-from lightning_prune.fusion import rules as R
-from lightning_prune.fusion.graph import ChannelGraph, Flow, Member
-from lightning_prune.masks import (
-    ChannelMask,
-    FakeStructuredSparsity,
-    attach_channel_mask,
-    attach_row_mask,
-    bake_masks,
-    has_masks,
-)
+from lightning_prune.fusion.constants import input_node, propagate
+from lightning_prune.fusion.plan import PruningPlan
+from lightning_prune.fusion.surgery import Surgery
+from lightning_prune.masks import ChannelMask, FakeStructuredSparsity
 
 
-def attach_masks(graph: ChannelGraph, prune_bias: dict[str, bool]) -> dict[str, FakeStructuredSparsity]:
-    """Attach a row mask to every configured weight, and the bias/affine masks that silence pruned channels.
+@dataclass
+class FuseContext:
+    """What rules see while fusion decides and narrows (see the ``Rule`` fusion hooks)."""
 
-    With ``prune_bias`` a pruned channel's bias and the BatchNorm affine after it are masked too; an LSTM's gate
-    biases are always masked with their rows, so a pruned unit's state stays exactly zero.
-    """
-    masks: dict[str, FakeStructuredSparsity] = {}
-    members = [m for root in graph.roots() for m in graph.spaces[root].members]
-    for module in [m.module for m in members] + [entry[1] for entry in graph.channelwise]:
-        graph.param_orders.setdefault(id(module), list(module._parameters))
-    for member in members:
-        masks[member.tensor_fqn] = attach_row_mask(member.module, member.tensor_name, member.dim)
-    for member in members:
-        rule = R.rule_for(member.module)
-        if isinstance(member.module, nn.LSTM) or prune_bias[member.tensor_fqn]:
-            rows = masks[member.tensor_fqn].mask.numel()
-            for name in rule.bias_names(member.module, member.tensor_name):
-                attach_channel_mask(member.module, name, ChannelMask([([masks[member.tensor_fqn]], rows)]))
-    for _node, module, rule, flow in graph.channelwise:
-        spaces = [graph.space(s.space) for s in flow.segments]
-        if not all(prune_bias[m.tensor_fqn] for sp in spaces for m in sp.members):
-            continue
-        segments = [([masks[m.tensor_fqn] for m in sp.members], sp.size) for sp in spaces]
-        for name in rule.affine_names(module):
-            if not any(m.module is module for sp in spaces for m in sp.members):
-                attach_channel_mask(module, name, ChannelMask(segments))
-    return masks
+    plan: PruningPlan
+    root: torch.Tensor
+    kept: torch.Tensor  # per class root: whether it stays
+    surgery: Surgery | None = None
+    store: dict = field(default_factory=dict)  # per-module state a rule keeps between its hooks
 
+    def mask_of(self, module: nn.Module, name: str) -> torch.Tensor | None:
+        return _mask_of(module, name)
 
-def _member_channels(member: Member) -> torch.Tensor:
-    """A member's kept channels: a channel is kept if any of its rows is."""
-    mask = getattr(member.module.parametrizations, member.tensor_name)[0].mask
-    return mask.reshape(member.rows_per_channel, -1).any(0)
+    def kept_positions(self, labels: torch.Tensor) -> torch.Tensor:
+        return (~_removed(labels, self.root, self.kept)).nonzero().flatten()
+
+    def name(self, module: nn.Module) -> str:
+        return next((fqn for fqn, m in self.plan.model.named_modules() if m is module), "?")
 
 
 @dataclass
 class FusionResult:
-    """What fusion did: the warnings it emitted, and where each new tensor came from (to carry optimizer state)."""
+    """What fusion did: the warnings it gave, and where each new tensor came from (to carry optimizer state)."""
 
     notes: list[str]
     #: (new tensor, id of the tensor it replaced, {dim: kept indices of the old one})
     lineage: list[tuple[torch.Tensor, int, dict[int, torch.Tensor]]]
 
 
-def live_inputs(graph: ChannelGraph, module: nn.Module) -> torch.Tensor | None:
-    """Which input features of ``module`` still carry a channel under the current masks (None: not a consumer).
+def fuse(plan: PruningPlan) -> FusionResult:
+    """Shrink the model in place (see the module docstring)."""
+    walk, root = plan.walk, plan.groups.solve()
+    kept = plan.kept_classes()
+    consts, dependent = propagate(walk)
+    kept[root[dependent]] = True
+    calls: dict[int, int] = {}
+    for _node, module, _rule, _labels in walk.consumers:
+        calls[id(module)] = calls.get(id(module), 0) + 1
+    for node, module, rule, labels in walk.consumers:
+        source = input_node(node)
+        values = consts[source.name].at(labels) if source is not None and source.name in consts else None
+        removed = _removed(labels, root, kept)
+        if values is not None and (values[removed] != 0).any() and (
+                calls[id(module)] > 1 or not rule.constant_input_is_constant(module)):
+            kept[root[labels[removed & (values != 0)]]] = True
+    ctx = FuseContext(plan, root, kept)
+    notes = _keep_one_each(ctx)
+    keeps = _keeps(plan, root, kept)
+    for module, rule, data in walk.actions:
+        for tensor in rule.owned_tensors(module, data, ctx):
+            keeps.pop(id(tensor), None)
+    folds = _folds(plan, consts, root, kept, calls, keeps)
+    lineage: list = []
+    with Surgery() as surgery:
+        ctx.surgery = surgery
+        _mutate(ctx, keeps, folds, lineage)
+    notes += [f"'{fqn}' keeps its channels (zeroed where masked) to stay exact: {why}"
+              for fqn, why in plan.retained.items()]
+    for note in notes:
+        warnings.warn(note, UserWarning, stacklevel=3)
+    return FusionResult(notes, lineage)
 
-    Weights that only ever see a masked channel's silence should not count when scoring the layer's own channels.
-    """
-    for consumer in graph.consumers:
-        if consumer.module is module:
-            kept = {}
-            for seg in consumer.flow.segments:
-                root = graph.find(seg.space)
-                if root not in kept:
-                    members = graph.spaces[root].members
-                    kept[root] = torch.stack([_member_channels(m).cpu() for m in members]).any(0) if members \
-                        else torch.ones(seg.size, dtype=torch.bool)
-            return _expand(graph, consumer.flow, kept)
+
+def _removed(labels: torch.Tensor, root: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    live = labels >= 0
+    removed = torch.zeros(labels.shape, dtype=torch.bool)
+    removed[live] = ~kept[root[labels[live]]]
+    return removed
+
+
+def _mask_of(module: nn.Module, name: str) -> torch.Tensor | None:
+    if not parametrize.is_parametrized(module, name):
+        return None
+    for p in module.parametrizations[name]:
+        if isinstance(p, FakeStructuredSparsity):
+            return p.mask
     return None
 
 
-def fuse(graph: ChannelGraph) -> FusionResult:
-    """Shrink the model in place."""
-    consts, must_keep = _propagate_constants(graph)
-    keep, lstm_plans, notes = _decide(graph, must_keep)
-    folds = _folds(graph, consts, keep)
-    lineage: dict = {}
-    token = R.LINEAGE.set(lineage)
-    try:
-        _mutate(graph, keep, lstm_plans, folds)
-    finally:
-        R.LINEAGE.reset(token)
-    for note in notes:
-        warnings.warn(note, UserWarning, stacklevel=3)
-    tensors = {id(t): t for m in graph.model.modules() for t in list(m._parameters.values()) + list(m._buffers.values())
-               if t is not None}
-    return FusionResult(notes, [(tensors[i], root, index) for i, (root, index) in lineage.items() if i in tensors])
-
-
-def _propagate_constants(graph: ChannelGraph) -> tuple[dict[str, torch.Tensor], dict[int, torch.Tensor]]:
-    """Follow each removed channel's constant through the graph.
-
-    Returns the constant at every node and, per space, the channels that must stay because their constant turns
-    position-dependent (zero padding) on the way.
-    """
-    consts: dict[str, torch.Tensor] = {}
-    must_keep = {r: torch.zeros(graph.spaces[r].size, dtype=torch.bool) for r in graph.roots()}
-    with torch.no_grad():
-        for step in graph.steps:
-            inputs = [consts[name] for name in step.inputs]
-            value, independent = step.fn(*inputs)
-            if not independent:
-                _mark(graph, must_keep, graph.flows[step.node], inputs[0] != 0)
-            consts[step.node] = value.detach().to(torch.float64).reshape(-1)
-        for consumer in graph.consumers:
-            if not consumer.rule.constant_input_is_constant(consumer.module):
-                _mark(graph, must_keep, consumer.flow, consts[consumer.source] != 0)
-    return consts, must_keep
-
-
-def _mark(graph: ChannelGraph, must_keep, flow: Flow, channels: torch.Tensor) -> None:
-    offset = 0
-    for seg in flow.segments:
-        must_keep[graph.find(seg.space)] |= channels[offset:offset + seg.size].cpu()
-        offset += seg.size
-
-
-def _decide(graph: ChannelGraph, must_keep) -> tuple[dict[int, torch.Tensor], dict, list[str]]:
-    keep: dict[int, torch.Tensor] = {}
-    notes: list[str] = []
-    lstms: dict[int, list[int]] = {}
-    for root in graph.roots():
-        space = graph.spaces[root]
-        if space.lstm is not None:
-            lstms.setdefault(id(space.lstm[0]), []).append(root)
-            continue
-        kept = must_keep[root].clone()
-        for member in space.members:
-            kept |= _member_channels(member).cpu()
-        if not kept.any():
-            kept[0] = True  # a layer needs one channel; a zeroed one keeps the model exact
-        keep[root] = kept
-    plans = {}
-    for roots in lstms.values():
-        plan, note = _plan_lstm(graph, roots)
-        plans[id(plan["module"])] = plan
-        for layer, root in enumerate(roots):
-            keep[root] = plan["outputs"][layer]
+def _keep_one_each(ctx: FuseContext) -> list[str]:
+    """Every layer keeps at least one channel, and the rules' own constraints hold (an LSTM's one hidden size)."""
+    notes = []
+    for module, rule, data in ctx.plan.walk.actions:
+        note = rule.adjust_kept(module, data, ctx)
         if note:
             notes.append(note)
-    return keep, plans, notes
+    for producer in ctx.plan.walk.producers.values():
+        classes = ctx.root[producer.labels[producer.labels >= 0]]
+        if classes.numel() and not ctx.kept[classes].any():
+            ctx.kept[classes[0]] = True
+    return notes
 
 
-def _plan_lstm(graph: ChannelGraph, roots: list[int]) -> tuple[dict, str | None]:
-    """Exact when every gate row of a unit is masked together; otherwise torch.ao's per-gate slicing (approximate)."""
-    module = graph.spaces[roots[0]].lstm[0]
-    name = graph.module_names[id(module)]
-    hidden = module.hidden_size
-    gate_masks = []
-    for root in roots:
-        space = graph.spaces[root]
-        by_name = {m.tensor_name.split("_")[1]: m for m in space.members}
-        gate_masks.append({kind: getattr(module.parametrizations, by_name[kind].tensor_name)[0].mask.cpu()
-                           .reshape(4, hidden) for kind in ("ih", "hh")})
-    tied = all((g[kind] == g["ih"][0]).all() for g in gate_masks for kind in ("ih", "hh"))
-    keep_all = [r for root in roots for r in graph.spaces[root].keep_all]
-    if tied:
-        units = [torch.ones_like(g["ih"][0]) if keep_all else g["ih"][0].clone() for g in gate_masks]
-        width = max(1, max(int(u.sum()) for u in units))
-        for u in units:  # nn.LSTM needs one hidden size: keep extra (silent, zeroed) units where a layer has fewer
-            for j in (~u).nonzero().flatten()[: width - int(u.sum())]:
-                u[j] = True
-        layers = [{"ih": u.repeat(4), "hh": u.repeat(4), "cols": u} for u in units]
-        note = None
-        if keep_all:
-            note = (f"LSTM '{name}' keeps all its hidden units (the pruned ones zeroed) to stay exact: {keep_all[0]}. "
-                    "Every layer of an nn.LSTM has one hidden size, so no layer of it shrinks.")
-        return {"module": module, "layers": layers, "outputs": units}, note
-    counts = {int(g[kind][i].sum()) for g in gate_masks for kind in ("ih", "hh") for i in range(4)}
-    if len(counts) != 1:
-        raise UnsupportedPatternError(
-            f"LSTM '{name}': gate masks keep different numbers of units ({sorted(counts)}); nn.LSTM needs one "
-            "hidden size. Use LSTMSaliencyPruner(tie_gates=True) or prune the same count in every gate."
-        )
-    layers = []
-    for g in gate_masks:
-        hh = g["hh"]
-        layers.append({"ih": g["ih"].reshape(-1), "hh": hh.reshape(-1), "cols": _per_gate_columns(hh)})
-    note = (f"LSTM '{name}' has gate masks that differ between gates or between weight_ih and weight_hh; fusion "
-            "slices each gate by its own mask as torch.ao does, so the pruned LSTM only approximates the masked one. "
-            "Use LSTMSaliencyPruner(tie_gates=True) for an exact result.")
-    return {"module": module, "layers": layers, "outputs": [g["hh"][3] for g in gate_masks]}, note
+def _keeps(plan: PruningPlan, root: torch.Tensor, kept: torch.Tensor) -> dict[int, dict[int, torch.Tensor]]:
+    """Per tensor (by id), per dim: the indices to keep (only dims that lose something)."""
+    keeps: dict[int, dict[int, torch.Tensor]] = {}
+    for (tensor_id, dim), binding in plan.walk.bindings.items():
+        removed = _removed(binding.labels, root, kept)
+        if removed.any():
+            keeps.setdefault(tensor_id, {})[dim] = (~removed).nonzero().flatten()
+    return keeps
 
 
-def _per_gate_columns(gate_masks: torch.Tensor):
-    def select(weight: torch.Tensor) -> torch.Tensor:
-        blocks = weight.split(int(gate_masks[0].sum()))
-        return torch.cat([block[:, gate_masks[g]] for g, block in enumerate(blocks)])
-
-    return select
-
-
-def _expand(graph: ChannelGraph, flow: Flow, per_channel: dict[int, torch.Tensor] | torch.Tensor):
-    """Per-feature vector for a consumer's input: each segment's channels, repeated by its flatten block."""
-    parts = []
-    offset = 0
-    for seg in flow.segments:
-        if isinstance(per_channel, dict):
-            part = per_channel[graph.find(seg.space)]
-        else:
-            part = per_channel[offset:offset + seg.size]
-        offset += seg.size
-        parts.append(part.repeat_interleave(seg.block))
-    return torch.cat(parts)
-
-
-def _folds(graph: ChannelGraph, consts, keep) -> dict[int, torch.Tensor]:
-    """The constant each consumer loses with its removed inputs, to add to its bias."""
-    folds = {}
+def _folds(plan, consts, root, kept, calls, keeps) -> dict[int, torch.Tensor]:
+    """The constant each single-call consumer loses with its removed inputs, per kept output row."""
+    folds: dict[int, torch.Tensor] = {}
     with torch.no_grad():
-        for consumer in graph.consumers:
-            kept = _expand(graph, consumer.flow, keep)
-            values = _expand(graph, consumer.flow, consts[consumer.source])
-            removed = (~kept).nonzero().flatten()
-            if removed.numel() and values[removed].abs().max() > 0:
-                removed = removed.to(_device(consumer.module))
-                folds[id(consumer.module)] = consumer.rule.fold(
-                    consumer.module, removed, values[removed.cpu()].to(_device(consumer.module))
-                ).detach()
+        for node, module, rule, labels in plan.walk.consumers:
+            source = input_node(node)
+            if source is None or source.name not in consts or calls[id(module)] > 1:
+                continue
+            values = consts[source.name].at(labels)
+            removed = _removed(labels, root, kept) & (values != 0)
+            if removed.any():
+                index = removed.nonzero().flatten()
+                device = next(iter(module.parameters()), torch.empty(0)).device
+                delta = rule.fold(module, index.to(device), values[index].to(device)).detach()
+                _name, weight_name, dim = rule.fold_target(module)
+                rows = keeps.get(id(_original(module, weight_name)), {}).get(dim)
+                folds[id(module)] = delta if rows is None else delta[rows.to(delta.device)]
     return folds
 
 
-def _device(module: nn.Module) -> torch.device:
-    return next(module.parameters()).device
+def _original(module: nn.Module, name: str) -> torch.Tensor:
+    """A tensor as the walk saw it: the original under a mask, or the plain parameter."""
+    if parametrize.is_parametrized(module, name):
+        return module.parametrizations[name].original
+    return module._parameters.get(name, module._buffers.get(name))
 
 
-def _index(mask: torch.Tensor, module: nn.Module) -> torch.Tensor:
-    return mask.nonzero().flatten().to(_device(module))
+def _mutate(ctx: FuseContext, keeps, folds, lineage: list) -> None:
+    from lightning_prune.fusion.rules import registry
 
-
-def _mutate(graph: ChannelGraph, keep, lstm_plans, folds) -> None:
-    """Bake and narrow one module at a time, so at most one module's full-size copy exists beside the model."""
-    producers = {id(module): (rule, root) for module, rule, root in graph.producers}
-    channelwise = {id(module): (rule, flow) for _node, module, rule, flow in graph.channelwise}
-    norms = {id(module): flow for module, flow in graph.norms}
-    consumers = {id(c.module): c for c in graph.consumers}
-    for module in graph.model.modules():
-        key = id(module)
-        _bake(graph, module)
-        out_rows = None
-        if key in producers:
-            rule, root = producers[key]
-            out_rows = keep[graph.find(root)]
-            rule.slice_out(module, _index(out_rows, module))
-        if key in lstm_plans:
-            out_rows = _narrow_lstm(lstm_plans[key])
-        if key in channelwise:
-            rule, flow = channelwise[key]
-            rule.slice_channels(module, _index(_expand(graph, flow, keep), module))
-        if key in norms:
-            R.rule_for(module).slice_channels(module, _index(_expand(graph, norms[key], keep), module))
-        if key in consumers:
-            rule = consumers[key].rule
-            rule.slice_in(module, _index(_expand(graph, consumers[key].flow, keep), module))
-            if key in folds:
-                rule.add_to_bias(module, folds[key] if out_rows is None else folds[key][_index(out_rows, module)])
-            if isinstance(module, nn.LSTM):
+    plan, surgery = ctx.plan, ctx.surgery
+    walk, rules = plan.walk, registry.active()
+    modules = list(dict.fromkeys(plan.model.modules()))
+    zero: dict[int, tuple[int, torch.Tensor]] = {}
+    for module in modules:  # masks off everywhere first: a tied weight's holders share one mask
+        for name, positions in _unmask(module, surgery, plan.param_orders.get(id(module))).items():
+            zero[id(module._parameters[name])] = positions
+    touched: set[int] = set()
+    for module in modules:
+        for table in (module._parameters, module._buffers):
+            for name, tensor in list(table.items()):
+                if tensor is None or (id(tensor) not in keeps and id(tensor) not in zero):
+                    continue
+                keep = keeps.pop(id(tensor), {})
+                new = _narrowed(tensor, keep, zero.pop(id(tensor), None), surgery)
+                if new is tensor:
+                    continue
+                for holder, _fqn, holder_name in walk.holders.get(id(tensor), [(module, "", name)]):
+                    surgery.set_entry(holder._parameters if holder_name in holder._parameters else holder._buffers,
+                                      holder_name, new)
+                    touched.add(id(holder))
+                lineage.append((new, id(tensor), keep))
+    actions: dict[int, list] = {}
+    for module, rule, data in walk.actions:
+        actions.setdefault(id(module), []).append((rule, data))
+    for module in modules:
+        rule = rules.module_rule(module)
+        if id(module) in folds:
+            _fold(module, rule, folds[id(module)], surgery, lineage)
+        if id(module) in touched or id(module) in actions or id(module) in folds:
+            surgery.snapshot(module)
+            for action_rule, data in actions.get(id(module), []):
+                action_rule.narrow(module, data, ctx)
+            if rule is not None:
                 rule.sync(module)
 
 
-def _bake(graph: ChannelGraph, module: nn.Module) -> None:
-    """Replace the module's masked tensors by plain ones, in the parameter order it had before masking."""
-    if not has_masks(module):
-        return
-    lineage = R.LINEAGE.get()
-    originals = {name: plist.original for name, plist in module.parametrizations.items()}
-    bake_masks(module)
+def _unmask(module: nn.Module, surgery: Surgery, order: list[str] | None) -> dict[str, tuple[int, torch.Tensor]]:
+    """Remove the module's masks (journaled), leaving its original tensors; returns, per tensor, the masked
+    positions (dim, indices) that must become zeros."""
+    if not parametrize.is_parametrized(module):
+        return {}
+    masked: dict[str, tuple[int, torch.Tensor]] = {}
+    originals = {}
+    for name, plist in module.parametrizations.items():
+        ours = [p for p in plist if isinstance(p, (FakeStructuredSparsity, ChannelMask))]
+        if len(ours) != len(plist):
+            raise RuntimeError(f"{type(module).__name__}.{name} has parametrizations other than pruning masks; "
+                               "remove them before prune()")
+        originals[name] = plist.original
+        for p in ours:
+            keep = p.mask.cpu() if isinstance(p, FakeStructuredSparsity) else p.channel_mask(torch.device("cpu"))
+            dim = p.dim
+            if not keep.all():
+                masked[name] = (dim, (~keep).nonzero().flatten())
+    surgery.set_entry(module._modules, "parametrizations", None)
+    surgery.set_class(module, module.__class__.__bases__[0])
     for name, original in originals.items():
-        lineage[id(getattr(module, name))] = (id(original), {})
-    order = graph.param_orders.get(id(module), [])
-    module._parameters = dict(sorted(module._parameters.items(),
-                                     key=lambda item: order.index(item[0]) if item[0] in order else len(order)))
+        surgery.set_entry(module._parameters, name, original)
+    if order:
+        surgery.reorder(module._parameters, order)
+    return masked
 
 
-def _narrow_lstm(plan: dict) -> torch.Tensor:
-    """Keep each layer's planned gate rows and hidden columns; returns the first layer's kept input-weight rows."""
-    module, rule = plan["module"], R.rule_for(plan["module"])
-    for layer, spec in enumerate(plan["layers"]):
-        rule.slice_units(module, layer, _index(spec["ih"], module), _index(spec["hh"], module),
-                         spec["cols"] if callable(spec["cols"]) else _index(spec["cols"], module))
-        if layer:
-            rule.slice_layer_input(module, layer, _index(plan["outputs"][layer - 1], module))
-    rule.sync(module)
-    return plan["layers"][0]["ih"]
+def _narrowed(tensor: torch.Tensor, keep: dict[int, torch.Tensor], zero, surgery: Surgery) -> torch.Tensor:
+    """The narrowed tensor (a new parameter or buffer), with the masked positions that stay set to zero."""
+    new = surgery.narrow(tensor, keep) if keep else tensor
+    if isinstance(tensor, nn.Parameter) and new is not tensor:
+        new = nn.Parameter(new, requires_grad=tensor.requires_grad)
+    if zero is not None:
+        dim, index = zero
+        if dim in keep:  # positions of the narrowed tensor
+            position = torch.full((tensor.shape[dim],), -1, dtype=torch.long)
+            position[keep[dim].cpu()] = torch.arange(keep[dim].numel())
+            index = position[index]
+            index = index[index >= 0]
+        surgery.zero(new, dim, index)
+    return new
+
+
+def _fold(module: nn.Module, rule, delta: torch.Tensor, surgery: Surgery, lineage: list) -> None:
+    """Add ``delta`` (already narrowed to the kept rows) to the layer's bias, creating the bias if it had none."""
+    name, weight_name, _dim = rule.fold_target(module)
+    bias = module._parameters.get(name)
+    if bias is None:
+        weight = module._parameters[weight_name]
+        new = nn.Parameter(delta.to(weight.dtype).clone(), requires_grad=weight.requires_grad)
+        surgery.set_entry(module._parameters, name, new)
+        lineage.append((new, -1, {}))
+        return
+    surgery.add(bias, delta)

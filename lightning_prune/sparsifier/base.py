@@ -11,16 +11,17 @@ import copy
 import difflib
 import numbers
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from lightning_prune.errors import PrunerStateError, PruningConfigError, UnsupportedPatternError
-from lightning_prune.fusion import rules as R
-from lightning_prune.fusion.apply import attach_masks, fuse
-from lightning_prune.fusion.graph import ChannelGraph, Member, blocked_tensors, trace
+from lightning_prune.errors import PrunerStateError, PruningConfigError
+from lightning_prune.fusion.apply import fuse
+from lightning_prune.fusion.attach import attach_masks
+from lightning_prune.fusion.plan import Member, PruningPlan, analyse
+from lightning_prune.fusion.rules import Rule, rules_scope
 from lightning_prune.masks import has_masks
 
 DEFAULTS = {"sparsity_level": 0.5, "prune_bias": True}
@@ -50,18 +51,21 @@ class BaseStructuredSparsifier(abc.ABC):
     #: declares its keys gets unknown ones (typos such as ``sparsity_levl``) refused at construction and prepare().
     hyperparameters: ClassVar[frozenset[str] | None] = None
 
-    def __init__(self, defaults: dict[str, Any] | None = None, **kwargs: Any):
+    def __init__(self, defaults: dict[str, Any] | None = None, *, rules: dict[Any, Rule] | None = None,
+                 **kwargs: Any):
         if defaults is not None and not isinstance(defaults, dict):
             raise PruningConfigError(f"defaults must be a dict or None, got {type(defaults).__name__}")
         self.defaults = {**DEFAULTS, **(defaults or {}), **kwargs}
         self._check_keys(self.defaults, type(self).__name__)
         check_sparsity(self.defaults["sparsity_level"], type(self).__name__)
+        #: fusion rules for this pruner only (module types or functions -> rules), on top of the registered ones
+        self.rules = dict(rules or {})
         self.groups: list[dict[str, Any]] = []
         self.state: dict[str, dict[str, Any]] = {}
         self.enable_mask_update = True
         self.model: nn.Module | None = None
         self.example_inputs: tuple[tuple, dict] | None = None
-        self.graph: ChannelGraph | None = None
+        self.plan: PruningPlan | None = None
         self.pruned = False
         #: after prune(): the warnings fusion gave, and (new tensor, id of the old one, {dim: kept indices})
         self.notes: list[str] = []
@@ -118,37 +122,21 @@ class BaseStructuredSparsifier(abc.ABC):
             raise PruningConfigError("the model already carries pruning masks; prepare a fresh copy of the model")
         self.example_inputs = normalize_example_inputs(example_inputs)
         explicit = config is not None
-        if explicit:
-            groups = self._groups_from_config(model, config)
-        else:
-            groups = _filter_fqns(self._groups_for_all(model), include, exclude)
-        fx_graph = trace(model)
-        while True:
-            configured = {g["tensor_fqn"]: (g["module"], g["tensor_name"]) for g in groups}
-            graph = ChannelGraph(model, fx_graph, configured)
-            dropped = blocked_tensors(graph)
-            if dropped and explicit:
-                fqn, reason = next(iter(dropped.items()))
-                raise UnsupportedPatternError(f"cannot prune '{fqn}' exactly: {reason}")
-            if exclude_output and explicit:
-                reaching = [m.tensor_fqn for r in graph.roots() if graph.spaces[r].reaches_output
-                            for m in graph.spaces[r].members]
-                if reaching:
-                    raise PruningConfigError(
-                        f"config names {reaching}, whose channels reach the model's output: pruning them changes "
-                        "the output's width (a classifier would lose classes). Leave them out of the config, or "
-                        "opt in to narrowing the output explicitly."
-                    )
-            if exclude_output and not explicit:
-                dropped.update({m.tensor_fqn: "reaches the output" for r in graph.roots()
-                                if graph.spaces[r].reaches_output for m in graph.spaces[r].members})
-            if not dropped:
-                break
-            groups = [g for g in groups if g["tensor_fqn"] not in dropped]
-        masks = attach_masks(graph, {g["tensor_fqn"]: bool(g["prune_bias"]) for g in groups})
+        entries = self._groups_from_config(model, config) if explicit else None
+        select = fqn_filter(include, exclude)
+        with rules_scope(self.rules):
+            plan = analyse(model, [g["tensor_fqn"] for g in entries] if explicit else None,
+                           example_inputs=self.example_inputs, exclude_output=exclude_output, select=select)
+            if explicit:
+                by_fqn = {g["tensor_fqn"]: g for g in entries}
+                groups = [by_fqn[m.tensor_fqn] for m in plan.members]
+            else:
+                groups = [{**self.defaults, "module": m.module, "module_fqn": m.module_fqn,
+                           "tensor_name": m.tensor_name, "tensor_fqn": m.tensor_fqn} for m in plan.members]
+            masks = attach_masks(plan, {g["tensor_fqn"]: bool(g["prune_bias"]) for g in groups})
         self.groups = groups
         self.state = {fqn: {"mask": parametrization.mask} for fqn, parametrization in masks.items()}
-        self.model, self.graph, self.pruned = model, graph, False
+        self.model, self.plan, self.pruned = model, plan, False
 
     def _groups_from_config(self, model: nn.Module, config: Any) -> list[dict[str, Any]]:
         if not isinstance(config, (list, tuple)):
@@ -169,18 +157,6 @@ class BaseStructuredSparsifier(abc.ABC):
                            "tensor_fqn": fqn})
         return groups
 
-    def _groups_for_all(self, model: nn.Module) -> list[dict[str, Any]]:
-        groups = []
-        for module_fqn, module in model.named_modules():
-            rule = R.rule_for(module)
-            if not isinstance(rule, R.LayerRule):
-                continue
-            for tensor_name in rule.prunable_tensors(module):
-                fqn = f"{module_fqn}.{tensor_name}" if module_fqn else tensor_name
-                groups.append({**self.defaults, "module": module, "module_fqn": module_fqn,
-                               "tensor_name": tensor_name, "tensor_fqn": fqn})
-        return groups
-
     # -- step ---------------------------------------------------------------------------------------------------
     def step(self) -> None:
         """Update every group's mask (when ``enable_mask_update``)."""
@@ -198,23 +174,30 @@ class BaseStructuredSparsifier(abc.ABC):
             self.update_mask(**group)
 
     def coupled_sets(self) -> list[list[tuple[dict[str, Any], Member]]]:
-        """Groups whose channels must stay the same (residual streams, depthwise blocks, an LSTM layer)."""
+        """Groups whose channels are coupled (residual streams, depthwise blocks, attention heads, an LSTM layer),
+        each as (group dict, plan member) pairs; a member's ``labels`` give the channel of each of its rows."""
         by_fqn = {g["tensor_fqn"]: g for g in self.groups}
-        return [[(by_fqn[m.tensor_fqn], m) for m in self.graph.spaces[root].members]
-                for root in self.graph.roots() if self.graph.spaces[root].members]
+        return [[(by_fqn[m.tensor_fqn], m) for m in members] for members in self.plan.coupled_members()]
 
     # -- prune --------------------------------------------------------------------------------------------------
     def prune(self) -> nn.Module:
-        """Remove the masked channels for real; returns the same model object, narrowed in place."""
+        """Remove the masked channels for real; returns the same model object, narrowed in place.
+
+        Raises:
+            PrunerStateError: called before ``prepare()`` or twice.
+            UnsupportedPatternError: the masks cannot be honoured (an LSTM's gates keep different unit counts);
+                the model is left exactly as it was, as on any other error.
+        """
         self._require_prepared("prune()")
-        result = fuse(self.graph)
+        with rules_scope(self.rules):
+            result = fuse(self.plan)
         self.pruned = True
         self.notes, self.lineage = result.notes, result.lineage
         return self.model
 
     def forget_model(self) -> None:
         """Let go of the prepared model once its masks have been removed by other means (e.g. a checkpoint load)."""
-        self.model, self.graph, self.groups, self.state, self.pruned = None, None, [], {}, False
+        self.model, self.plan, self.groups, self.state, self.pruned = None, None, [], {}, False
 
     def _require_prepared(self, what: str) -> None:
         if self.model is None:
@@ -274,19 +257,24 @@ def normalize_example_inputs(example_inputs: Any) -> tuple[tuple, dict] | None:
     )
 
 
-def _filter_fqns(groups: list[dict[str, Any]], include: list[str] | None, exclude: list[str] | None):
-    """Keep the groups whose tensor FQN matches an ``include`` regex (all if None) and no ``exclude`` regex."""
+def fqn_filter(include: list[str] | None, exclude: list[str] | None) -> Callable[[str], bool]:
+    """Whether a tensor FQN matches an ``include`` regex (any, if None) and no ``exclude`` regex.
+
+    Raises:
+        PruningConfigError: a pattern is not a valid regex.
+    """
     patterns = {}
     for pattern in (include or []) + (exclude or []):
         try:
             patterns[pattern] = re.compile(pattern)
         except re.error as exc:
             raise PruningConfigError(f"include/exclude pattern {pattern!r} is not a valid regex: {exc}") from None
-    return [
-        g for g in groups
-        if (include is None or any(patterns[p].search(g["tensor_fqn"]) for p in include))
-        and not any(patterns[p].search(g["tensor_fqn"]) for p in exclude or [])
-    ]
+
+    def select(fqn: str) -> bool:
+        return (include is None or any(patterns[p].search(fqn) for p in include)) and not any(
+            patterns[p].search(fqn) for p in exclude or [])
+
+    return select
 
 
 def _mask_of(group: dict[str, Any]) -> torch.Tensor:
@@ -315,11 +303,5 @@ def _resolve(model: nn.Module, fqn: str) -> tuple[nn.Module, str, str]:
         raise PruningConfigError(
             f"tensor_fqn '{fqn}' is {tensor.dim()}-D; structured pruning removes rows of weights with 2 or more dims "
             f"(for example '{module_fqn + '.weight' if module_fqn else 'weight'}')"
-        )
-    rule = R.rule_for(module)
-    if not isinstance(rule, R.LayerRule) or tensor_name not in rule.prunable_tensors(module):
-        raise PruningConfigError(
-            f"tensor_fqn '{fqn}' belongs to {type(module).__name__}, whose output channels fusion cannot remove; "
-            "supported: Linear, ConvNd and LSTM weights, or layers registered with lightning_prune.register_layer"
         )
     return module, module_fqn, tensor_name

@@ -8,8 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_prune.fusion.apply import live_inputs
-from lightning_prune.fusion.graph import Member
+from lightning_prune.fusion.plan import Member
 from lightning_prune.sparsifier.base import BaseStructuredSparsifier
 
 
@@ -32,8 +31,9 @@ class ScoringPruner(BaseStructuredSparsifier):
         return int(channels * sparsity_level)
 
     def update_mask(self, module: nn.Module, tensor_name: str, sparsity_level: float, **kwargs: Any) -> None:
-        dim = getattr(module.parametrizations, tensor_name)[0].dim
-        member = Member(module, tensor_name, kwargs.get("tensor_fqn", tensor_name), dim=dim)
+        fqn = kwargs.get("tensor_fqn")
+        member = next(m for m in self.plan.members if m.tensor_fqn == fqn or fqn is None and m.module is module
+                      and m.tensor_name == tensor_name)
         self.decide([member], sparsity_level)
 
     def update_masks(self) -> None:
@@ -41,37 +41,58 @@ class ScoringPruner(BaseStructuredSparsifier):
             level = max(group["sparsity_level"] for group, _ in coupled)
             self.decide([member for _, member in coupled], level)
 
-    def channel_scores(self, members: list[Member], kept: torch.Tensor) -> torch.Tensor:
-        """Sum of each member's channel scores, each scaled to mean 1 over the ``kept`` channels so layers of
-        different magnitude weigh the same. Input columns fed only by masked channels do not count."""
-        total = None
-        for member in members:
-            # the raw weight: masked rows differ from the masked weight, but they are set to -inf below anyway
-            weight = member.module.parametrizations[member.tensor_name].original.detach().movedim(member.dim, 0)
-            live = live_inputs(self.graph, member.module) if member.rows_per_channel == 1 else None
-            if live is not None and live.numel() == weight.shape[1] and not live.all():
-                weight = weight.index_select(1, live.nonzero().flatten().to(weight.device))
-            if self.rows_interact and not kept.all():  # keep the pruned rows out of the living rows' comparison
-                rows = kept.repeat(member.rows_per_channel).nonzero().flatten().to(weight.device)
+    def decide(self, members: list[Member], sparsity_level: float) -> None:
+        """Mask the ``sparsity_level`` lowest-scoring classes of channels in every member.
+
+        The classes are those of the members' rows (a channel, or a head, or a GroupNorm group: whatever the
+        analysis found must go together); classes that cannot be removed are never counted or chosen.
+        """
+        plan = self.plan
+        row_classes = [plan.classes(m.labels) for m in members]
+        classes = torch.cat([c[c >= 0] for c in row_classes]).unique()
+        index = [torch.searchsorted(classes, c.clamp_min(0)) for c in row_classes]
+        masks = [getattr(m.module.parametrizations, m.tensor_name)[0].mask for m in members]
+        kept_before = torch.zeros(classes.numel(), dtype=torch.long)
+        for idx, mask in zip(index, masks, strict=True):
+            kept_before.scatter_reduce_(0, idx, mask.cpu().long(), "amax")
+        kept_before = kept_before.bool()
+        blocked = torch.tensor(sorted(plan.groups.blocked_classes()), dtype=torch.long)
+        free = ~torch.isin(classes, blocked)
+        scores = self.channel_scores(members, index, kept_before, classes.numel())
+        scores = scores.masked_fill(~kept_before, float("-inf")).masked_fill(~free, float("inf"))
+        count = int(free.sum())
+        k = min(max(self.num_to_prune(count, sparsity_level), 0), count)
+        keep = torch.ones(classes.numel(), dtype=torch.bool)
+        keep[scores.topk(k, largest=False).indices] = False
+        for idx, mask in zip(index, masks, strict=True):
+            mask.copy_(keep[idx].to(mask.device))
+
+    def channel_scores(self, members: list[Member], index: list[torch.Tensor], kept: torch.Tensor,
+                       count: int) -> torch.Tensor:
+        """Each class's score: the sum over members of the scores of its rows, each member scaled to mean 1 over its
+        kept classes so layers of different magnitude weigh the same. Input columns fed only by removed channels
+        do not count."""
+        plan = self.plan
+        kept_classes = plan.kept_classes()
+        total = torch.zeros(count)
+        for member, idx in zip(members, index, strict=True):
+            # the raw weight: masked rows differ from the masked weight, but they score -inf anyway
+            weight = plan.tensor(member.module, member.tensor_name).detach().movedim(member.dim, 0)
+            columns = plan.input_classes(member.module, member.tensor_name, member.dim)
+            if columns is not None and weight.dim() > 1 and columns.numel() == weight.shape[1]:
+                live = (columns < 0) | kept_classes[columns.clamp_min(0)]
+                if not live.all():
+                    weight = weight.index_select(1, live.nonzero().flatten().to(weight.device))
+            alive = kept[idx]
+            if self.rows_interact and not alive.all():  # keep removed rows out of the living rows' comparison
+                rows = alive.nonzero().flatten().to(weight.device)
                 row_scores = torch.zeros(weight.shape[0], device=weight.device)
                 row_scores[rows] = self.row_scores(weight.index_select(0, rows)).float()
-            else:  # rows are scored on their own; pruned ones are set to -inf afterwards anyway
+            else:
                 row_scores = self.row_scores(weight).float()
-            scores = row_scores.reshape(member.rows_per_channel, -1).sum(0)
-            scale = scores[kept].abs().mean() if kept.any() else scores.abs().mean()
-            scores = scores / scale.clamp_min(torch.finfo(scores.dtype).tiny)
-            total = scores if total is None else total + scores
+            scores = torch.zeros(count).index_add_(0, idx, row_scores.cpu())
+            touched = torch.zeros(count, dtype=torch.bool)
+            touched[idx] = True
+            base = scores[touched & kept] if (touched & kept).any() else scores[touched]
+            total += scores / base.abs().mean().clamp_min(torch.finfo(scores.dtype).tiny)
         return total
-
-    def decide(self, members: list[Member], sparsity_level: float) -> None:
-        """Mask the ``sparsity_level`` lowest-scoring channels in every member."""
-        masks = [getattr(m.module.parametrizations, m.tensor_name)[0].mask for m in members]
-        kept_before = torch.stack([mask.reshape(m.rows_per_channel, -1).any(0)
-                                   for m, mask in zip(members, masks, strict=True)]).any(0)
-        scores = self.channel_scores(members, kept_before).masked_fill(~kept_before, float("-inf"))
-        channels = scores.numel()
-        k = min(max(self.num_to_prune(channels, sparsity_level), 0), channels)
-        keep = torch.ones(channels, dtype=torch.bool, device=scores.device)
-        keep[scores.topk(k, largest=False).indices] = False
-        for m, mask in zip(members, masks, strict=True):
-            mask.copy_(keep.repeat(m.rows_per_channel).to(mask.device))

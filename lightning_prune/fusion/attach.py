@@ -1,0 +1,58 @@
+"""Attach the masks that keep the masked model equal to the final one.
+
+Every configured tensor gets a row mask (on every module that holds it, so a tied weight stays one parameter). With
+``prune_bias`` each per-channel tensor recorded by the walk (a layer's bias, the BatchNorm affine after it, an added
+parameter) gets a :class:`~lightning_prune.masks.ChannelMask` that silences a channel whenever its class is pruned,
+so a pruned channel contributes nothing downstream while every parameter keeps training.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn.utils import parametrize
+
+from lightning_prune.fusion.plan import PruningPlan
+from lightning_prune.masks import ChannelMask, FakeStructuredSparsity, attach_channel_mask, attach_row_mask
+
+
+def attach_masks(plan: PruningPlan, prune_bias: dict[str, bool]) -> dict[str, FakeStructuredSparsity]:
+    """Row masks for the members (returned by tensor FQN), then the bias/affine masks."""
+    plan.param_orders = {id(m): list(m._parameters) for m in plan.model.modules()}
+    masks: dict[str, FakeStructuredSparsity] = {}
+    for member in plan.members:
+        tensor = member.module._parameters.get(member.tensor_name)
+        fake = attach_row_mask(member.module, member.tensor_name, member.dim)
+        for module, _fqn, name in plan.walk.holders.get(id(tensor), []):
+            if module is not member.module or name != member.tensor_name:
+                parametrize.register_parametrization(module, name, fake, unsafe=True)
+        masks[member.tensor_fqn] = fake
+    member_classes = {m.tensor_fqn: plan.classes(m.labels) for m in plan.members}
+    members_of: dict[int, list] = {}
+    for m in plan.members:
+        for c in member_classes[m.tensor_fqn].unique().tolist():
+            members_of.setdefault(c, []).append(m)
+    done = {(id(m.module), m.tensor_name) for m in plan.members}
+    for silence in plan.walk.silences:
+        key = (id(silence.module), silence.tensor_name)
+        if key in done:
+            continue
+        classes = plan.classes(silence.labels)
+        order = classes[classes >= 0].unique()
+        sources = list({id(m): m for c in order.tolist() for m in members_of.get(c, [])}.values())
+        if not sources or not (silence.always or all(prune_bias[m.tensor_fqn] for m in sources)):
+            continue
+        done.add(key)
+        mask = ChannelMask([masks[m.tensor_fqn] for m in sources],
+                           [_compact(member_classes[m.tensor_fqn], order) for m in sources],
+                           _compact(classes, order), order.numel())
+        device = getattr(silence.module, silence.tensor_name).device
+        attach_channel_mask(silence.module, silence.tensor_name, mask.to(device))
+    return masks
+
+
+def _compact(values: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """The index of each value in the sorted ``order`` (-1 where absent)."""
+    index = torch.searchsorted(order, values.clamp_min(0))
+    found = (values >= 0) & (index < order.numel())
+    found &= order[index.clamp_max(order.numel() - 1)] == values
+    return torch.where(found, index, torch.full_like(index, -1))

@@ -1,0 +1,144 @@
+"""Ops that combine two tensors position by position: add, sub, mul, div, maximum, minimum.
+
+Two tensors that both carry channels are *coupled*: channel c on one side and channel c on the other are kept or
+removed together (a residual connection, a squeeze-and-excitation gate). With a parameter that varies along the
+channels (``x * self.gamma``, a learned position embedding) the parameter is narrowed with them. A tensor computed at
+run time that has its own values along the channels cannot be narrowed, so the channels are kept.
+"""
+
+from __future__ import annotations
+
+import numbers
+import operator
+
+import torch
+
+from lightning_prune.fusion.layout import Layout
+from lightning_prune.fusion.rules.base import Rule, RuleKind
+from lightning_prune.fusion.rules.registry import aten, register_functions
+
+
+class CombineRule(Rule):
+    """``op(a, b)`` elementwise. ``additive``: a removed (zero) channel does not stay zero when a tensor that does
+    not carry it is added; ``numerator_only``: the channels may only be on the left (a division)."""
+
+    kind = RuleKind.COMBINE
+
+    def __init__(self, op, additive: bool, numerator_only: bool = False):
+        self.op = op
+        self.additive = additive
+        self.numerator_only = numerator_only
+
+    def operands(self, v):
+        return v.arg(0, "input"), v.arg(1, "other")
+
+    def visit(self, v) -> None:
+        from lightning_prune.fusion.walk import TensorRef
+
+        a, b = self.operands(v)
+        la, lb = v.layout(a), v.layout(b)
+        if la is None and lb is None:
+            return
+        if la is not None and lb is not None:
+            self._both(v, la, lb)
+            return
+        flow, other = (la, b) if la is not None else (lb, a)
+        if self.numerator_only and flow is lb:
+            v.block(flow, f"{v.where} divides by the pruned channels (a removed channel would divide by zero)")
+            return
+        if other is None or isinstance(other, (numbers.Number, bool)):
+            v.set(flow)
+            return
+        ref = v.value(other) if isinstance(other, torch.fx.Node) else None
+        tensor = ref.tensor if isinstance(ref, TensorRef) else None
+        shape = tuple(tensor.shape) if tensor is not None else v.shape(other)
+        out_ndim = v.ndim() if v.shapes else flow.ndim
+        axes = flow.front_axes() if out_ndim is not None else None
+        if shape is None or axes is None or out_ndim is None:
+            v.block(flow, f"{v.where} mixes the pruned channels with a tensor that no configured layer produces; "
+                          "configure both sides of a residual connection, or pass example_inputs so shapes are known")
+            return
+        offset = out_ndim - len(shape)
+        along = [a - offset for a in axes]  # the other tensor's dim at each channel axis (< 0: absent)
+        full = [d >= 0 and shape[d] > 1 for d in along]
+        if not any(full):
+            if self.additive and (tensor is None or tensor.numel() > 1):
+                v.block(flow, f"{v.where} adds the same tensor to every channel, so a removed channel would still "
+                              "carry it")
+                return
+            v.set(flow)
+            return
+        if tensor is None or not all(full) or [shape[d] for d in along] != list(flow.labels.shape):
+            v.block(flow, f"{v.where} mixes the pruned channels with a tensor computed at run time that has its own "
+                          "values per channel and cannot be narrowed; configure the layer producing it too")
+            return
+        if len(along) != 1:
+            v.block(flow, f"{v.where} combines the channels with a parameter along several dims")
+            return
+        v.bind(tensor, along[0], flow.labels.reshape(-1))
+        if self.additive and tensor.dim() == 1:
+            owner, _fqn, name = v.state.holders[id(tensor)][0]
+            v.silence(owner, name, flow.labels.reshape(-1))
+        v.set(Layout(axes, flow.labels, out_ndim, flow.pending, flow.stable))
+
+    def _both(self, v, la: Layout, lb: Layout) -> None:
+        out_ndim = v.ndim() if v.shapes else la.ndim
+        aligned = []
+        for flow in (la, lb):
+            if flow.ndim is not None and out_ndim is not None and not flow.pending:
+                aligned.append(tuple(a + out_ndim - flow.ndim for a in flow.axes))
+            else:
+                aligned.append(flow.axes if flow.ndim == la.ndim else None)
+        if (aligned[0] is None or aligned[0] != aligned[1] or la.labels.shape != lb.labels.shape
+                or la.pending != lb.pending):
+            reason = f"{v.where} combines differently laid-out channels"
+            v.block(la, reason)
+            v.block(lb, reason)
+            return
+        v.couple(la.labels, lb.labels)
+        v.set(Layout(aligned[0], la.labels, out_ndim, la.pending, tuple(set(la.stable) & set(lb.stable))))
+
+    def const(self, v, *inputs):
+        from lightning_prune.fusion.walk import TensorRef
+
+        a, b = self.operands(v)
+        values = []
+        dependent = False
+        inputs = list(inputs)
+        for operand in (a, b):
+            if v.layout(operand) is not None:
+                values.append(inputs.pop(0))
+                continue
+            ref = v.value(operand) if isinstance(operand, torch.fx.Node) else None
+            if isinstance(ref, TensorRef):
+                tensor = ref.tensor.detach().to(torch.float64).cpu()
+                if tensor.numel() == 1:
+                    values.append(tensor.reshape(()))
+                else:
+                    flat = tensor.reshape(-1, tensor.shape[-1]) if tensor.dim() > 1 else tensor
+                    varies = tensor.dim() > 1 and not bool((flat == flat[:1]).all())
+                    values.append(flat[0] if tensor.dim() > 1 else flat)
+                    dependent = dependent or varies
+            elif isinstance(operand, torch.fx.Node):  # a run-time tensor broadcast over the channels
+                values.append(torch.ones(()))
+                dependent = True
+            else:
+                values.append(torch.tensor(operand if operand is not None else 0, dtype=torch.float64))
+        out = self.op(values[0], values[1]).to(torch.float64)
+        return out, (out != 0) if dependent else False
+
+
+_ADD = CombineRule(operator.add, additive=True)
+_SUB = CombineRule(operator.sub, additive=True)
+_MUL = CombineRule(operator.mul, additive=False)
+_DIV = CombineRule(operator.truediv, additive=False, numerator_only=True)
+register_functions([operator.add, operator.iadd, torch.add, "add", "add_", "__add__", "__radd__", aten("add"),
+                    aten("add_")], _ADD)
+register_functions([operator.sub, operator.isub, torch.sub, torch.subtract, "sub", "sub_", aten("sub"),
+                    aten("sub_")], _SUB)
+register_functions([operator.mul, operator.imul, torch.mul, torch.multiply, "mul", "mul_", aten("mul"),
+                    aten("mul_")], _MUL)
+register_functions([operator.truediv, operator.itruediv, torch.div, torch.true_divide, "div", "div_",
+                    aten("div"), aten("div_")], _DIV)
+register_functions([torch.maximum, "maximum", aten("maximum")], CombineRule(torch.maximum, additive=True))
+register_functions([torch.minimum, "minimum", aten("minimum")], CombineRule(torch.minimum, additive=True))

@@ -1,0 +1,159 @@
+"""THE rule registry: module types, functions, tensor methods and ATen ops -> the rule that knows them.
+
+Lookups go through the active registry: the global one, or a scope opened with :func:`rules_scope` (or by a pruner
+that carries its own ``rules=``), whose registrations shadow the global ones and vanish when it closes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+
+from lightning_prune.errors import PruningConfigError
+
+if TYPE_CHECKING:
+    from lightning_prune.fusion.rules.base import Rule
+
+
+class Registry:
+    """Rules by module type (subclasses inherit) and by function, method name or ATen op, with a parent to
+    fall back to."""
+
+    def __init__(self, parent: Registry | None = None):
+        self.parent = parent
+        self.modules: dict[type, Rule] = {}
+        self.functions: dict[Any, Rule] = {}
+        self.names: dict[str, Rule] = {}  # "package.module.Name" of classes/functions not imported here
+
+    def module_rule(self, module: nn.Module) -> Rule | None:
+        """The rule for the module's type or its nearest registered base class (scopes first)."""
+        for cls in type(module).__mro__:
+            registry: Registry | None = self
+            while registry is not None:
+                if cls in registry.modules:
+                    return registry.modules[cls]
+                rule = registry.names.get(f"{cls.__module__}.{cls.__qualname__}")
+                if rule is not None:
+                    return rule
+                registry = registry.parent
+        return None
+
+    def function_rule(self, target: Any) -> Rule | None:
+        """The rule for a function, a tensor method name, or an ATen overload (or its packet)."""
+        keys = [target]
+        packet = getattr(target, "overloadpacket", None)
+        if packet is not None:
+            keys.append(packet)
+        name = f"{getattr(target, '__module__', None)}.{getattr(target, '__qualname__', None)}"
+        registry: Registry | None = self
+        while registry is not None:
+            for key in keys:
+                rule = registry.functions.get(key)
+                if rule is not None:
+                    return rule
+            if name in registry.names:
+                return registry.names[name]
+            registry = registry.parent
+        return None
+
+    def python_functions(self) -> list[Callable]:
+        """Registered plain Python functions (fx keeps them as single nodes instead of tracing into them)."""
+        found, registry = [], self
+        while registry is not None:
+            found += [k for k in registry.functions if callable(k) and not isinstance(k, str)]
+            registry = registry.parent
+        return found
+
+
+_GLOBAL = Registry()
+_ACTIVE: ContextVar[Registry] = ContextVar("lightning_prune_rules", default=_GLOBAL)
+
+
+def active() -> Registry:
+    return _ACTIVE.get()
+
+
+def rule_for(module: nn.Module) -> Rule | None:
+    """The rule fusion uses for ``module`` (in the active scope)."""
+    return active().module_rule(module)
+
+
+def register_layer(layer_type: type[nn.Module], rule: Rule) -> None:
+    """Teach fusion how ``layer_type``'s channels map and how to narrow it; subclasses inherit the rule.
+
+    Registers in the innermost open :func:`rules_scope`, or globally.
+
+    Raises:
+        PruningConfigError: ``layer_type`` is not an nn.Module subclass or ``rule`` is not a Rule.
+    """
+    from lightning_prune.fusion.rules.base import Rule
+
+    if not (isinstance(layer_type, type) and issubclass(layer_type, nn.Module)):
+        raise PruningConfigError(f"register_layer expects an nn.Module subclass, got {layer_type!r}")
+    if not isinstance(rule, Rule):
+        raise PruningConfigError(
+            f"register_layer expects a Rule (LayerRule, ChannelwiseRule, ElementwiseRule, ...), got {rule!r}"
+        )
+    active().modules[layer_type] = rule
+
+
+def register_function(target: Any, rule: Rule) -> None:
+    """Teach fusion what a function does to channels: a Python function (fx keeps it as one node), a tensor method
+    name such as ``"relu"``, or an ATen op such as ``torch.ops.aten.relu`` (export graphs).
+
+    Raises:
+        PruningConfigError: ``rule`` is not a Rule, or ``target`` is none of the above.
+    """
+    from lightning_prune.fusion.rules.base import Rule
+
+    if not isinstance(rule, Rule):
+        raise PruningConfigError(f"register_function expects a Rule (e.g. ElementwiseRule(fn)), got {rule!r}")
+    if not (callable(target) or isinstance(target, str)):
+        raise PruningConfigError(
+            f"register_function expects a function, a tensor method name or an ATen op, got {target!r}"
+        )
+    active().functions[target] = rule
+
+
+def register_functions(targets: list[Any], rule: Rule) -> None:
+    """One rule for several spellings of the same op (``F.relu``, ``torch.relu``, ``"relu"``, ATen's relu)."""
+    for target in targets:
+        if target is not None:
+            register_function(target, rule)
+
+
+def register_by_name(qualified_name: str, rule: Rule) -> None:
+    """Register a rule for a class or function by its ``module.QualName`` without importing its package (for
+    optional libraries such as torchvision, timm or transformers)."""
+    active().names[qualified_name] = rule
+
+
+@contextlib.contextmanager
+def rules_scope(rules: Mapping[Any, Rule] | None = None) -> Iterator[Registry]:
+    """Registrations made inside (and ``rules``: module types or functions -> rules) apply only until it exits.
+
+    >>> with rules_scope({MyLayer: MyRule()}):
+    ...     pruner.prepare(model, config)
+    """
+    scope = Registry(parent=active())
+    token = _ACTIVE.set(scope)
+    try:
+        for key, rule in (rules or {}).items():
+            if isinstance(key, type) and issubclass(key, nn.Module):
+                register_layer(key, rule)
+            else:
+                register_function(key, rule)
+        yield scope
+    finally:
+        _ACTIVE.reset(token)
+
+
+def aten(name: str) -> Any:
+    """An ATen op packet by name, or None on a torch without it."""
+    import torch
+
+    return getattr(torch.ops.aten, name, None)

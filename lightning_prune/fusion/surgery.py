@@ -1,0 +1,179 @@
+"""Edits to a model that can be undone, so ``prune()`` either completes or leaves the model exactly as it was.
+
+Every edit is journaled. A narrowed tensor's old storage is freed as soon as its narrow copy exists (the parameter
+object itself is kept, its shape intact over a one-element storage), so pruning needs about one tensor of extra memory
+at a time; on an error the removed
+values, kept aside, rebuild it bit for bit, and every module entry, attribute and class goes back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
+from typing import Any
+
+import torch
+from torch import nn
+
+_FAULT_AT: ContextVar[int | None] = ContextVar("lightning_prune_fault_at", default=None)
+
+
+class InjectedFault(RuntimeError):
+    """Raised by :func:`inject_fault` at a chosen edit (tests of atomicity)."""
+
+
+@contextlib.contextmanager
+def inject_fault(at: int) -> Iterator[None]:
+    """Make the ``at``-th edit of any surgery inside raise :class:`InjectedFault` (1-based)."""
+    token = _FAULT_AT.set(at)
+    try:
+        yield
+    finally:
+        _FAULT_AT.reset(token)
+
+
+class Surgery:
+    """A journal of undoable edits; use as a context manager: an exception rolls everything back."""
+
+    def __init__(self) -> None:
+        self._undo: list[Callable[[], None]] = []
+        self.edits = 0
+        self._fault_at = _FAULT_AT.get()
+        self._snapshots: set[int] = set()
+
+    def __enter__(self) -> Surgery:
+        return self
+
+    def __exit__(self, kind, error, tb) -> bool:
+        if error is not None:
+            self.rollback()
+        self._undo.clear()
+        return False
+
+    def _edit(self) -> None:
+        self.edits += 1
+        if self._fault_at is not None and self.edits == self._fault_at:
+            raise InjectedFault(f"injected fault at edit {self.edits}")
+
+    def rollback(self) -> None:
+        with torch.no_grad():
+            while self._undo:
+                self._undo.pop()()
+
+    # -- edits --------------------------------------------------------------------------------------------------
+    def set_entry(self, table: dict, key: str, value: Any) -> None:
+        """``table[key] = value`` (a module's ``_parameters``, ``_buffers`` or ``_modules``); None deletes."""
+        self._edit()
+        had, old = key in table, table.get(key)
+        if value is None:
+            table.pop(key, None)
+        else:
+            table[key] = value
+
+        def undo() -> None:
+            if had:
+                table[key] = old
+            else:
+                table.pop(key, None)
+
+        self._undo.append(undo)
+
+    def reorder(self, table: dict, order: list[str]) -> None:
+        """Put ``table``'s keys in ``order`` (keys not in it last), as a module listed its parameters before masks."""
+        self._edit()
+        old = list(table.items())
+        items = sorted(table.items(), key=lambda item: order.index(item[0]) if item[0] in order else len(order))
+        table.clear()
+        table.update(items)
+
+        def undo() -> None:
+            table.clear()
+            table.update(old)
+
+        self._undo.append(undo)
+
+    def set_class(self, module: nn.Module, cls: type) -> None:
+        self._edit()
+        old = module.__class__
+        module.__class__ = cls
+        self._undo.append(lambda: setattr(module, "__class__", old))
+
+    def snapshot(self, module: nn.Module) -> None:
+        """Record the module's plain attributes (sizes, flat-weight lists) before a rule changes them."""
+        if id(module) in self._snapshots:
+            return
+        self._edit()
+        self._snapshots.add(id(module))
+        saved = {k: (list(v) if isinstance(v, list) else v) for k, v in module.__dict__.items()
+                 if k not in ("_parameters", "_buffers", "_modules")}
+
+        def undo() -> None:
+            for key in [k for k in module.__dict__ if k not in saved and k not in ("_parameters", "_buffers",
+                                                                                   "_modules")]:
+                del module.__dict__[key]
+            module.__dict__.update(saved)
+
+        self._undo.append(undo)
+
+    def narrow(self, old: torch.Tensor, keeps: dict[int, torch.Tensor]) -> torch.Tensor:
+        """A copy of ``old`` holding only the indices ``keeps[dim]`` along each dim; ``old`` is emptied (its removed
+        values kept aside to rebuild it on rollback)."""
+        self._edit()
+        with torch.no_grad():
+            new = old.detach()
+            for dim, index in sorted(keeps.items()):
+                new = new.index_select(dim, index.to(old.device))
+            new = new.clone() if new.data_ptr() == old.data_ptr() else new
+            shape, kept = old.shape, _block_mask(old.shape, keeps, old.device)
+            removed = old.detach()[~kept].clone()
+            # free the storage but keep the shape (optimizer state is sliced against it): one element, broadcast
+            old.data = torch.zeros((), dtype=old.dtype, device=old.device).expand(shape)
+
+        def undo() -> None:
+            full = torch.empty(shape, dtype=new.dtype, device=new.device)
+            mask = _block_mask(shape, keeps, new.device)
+            full[mask] = new.detach().reshape(-1)
+            full[~mask] = removed
+            old.data = full
+
+        self._undo.append(undo)
+        return new
+
+    def zero(self, tensor: torch.Tensor, dim: int, index: torch.Tensor) -> None:
+        """Zero ``tensor``'s entries ``index`` along ``dim`` in place."""
+        if not index.numel():
+            return
+        self._edit()
+        index = index.to(tensor.device)
+        with torch.no_grad():
+            saved = tensor.index_select(dim, index).clone()
+            tensor.index_fill_(dim, index, 0)
+        self._undo.append(lambda: tensor.index_copy_(dim, index, saved))
+
+    def add(self, tensor: torch.Tensor, delta: torch.Tensor) -> None:
+        """``tensor += delta`` in place."""
+        self._edit()
+        with torch.no_grad():
+            saved = tensor.detach().clone()
+            tensor.add_(delta.to(tensor.dtype))
+        self._undo.append(lambda: tensor.copy_(saved))
+
+    def call(self, fn: Callable[[], Any], undo: Callable[[], None]) -> Any:
+        """Run ``fn`` (an edit this class does not model) with its own undo."""
+        self._edit()
+        result = fn()
+        self._undo.append(undo)
+        return result
+
+
+def _block_mask(shape: torch.Size, keeps: dict[int, torch.Tensor], device) -> torch.Tensor:
+    """A bool tensor of ``shape``: True on the kept sub-block."""
+    mask = torch.ones(shape, dtype=torch.bool, device=device)
+    for dim, index in keeps.items():
+        line = torch.zeros(shape[dim], dtype=torch.bool, device=device)
+        line[index.to(device)] = True
+        view = [1] * len(shape)
+        view[dim] = -1
+        mask &= line.reshape(view)
+    return mask

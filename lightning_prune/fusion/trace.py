@@ -1,0 +1,246 @@
+"""Front ends: turn a model into one fx graph that the walk reads, with shapes when example inputs are given.
+
+- ``torch.fx`` symbolic tracing (the seed's API: no inputs needed). Every module with a fusion rule is a leaf, so it
+  appears as one ``call_module`` node; with example inputs, fake tensors give every node its shape and dtype
+  (``node.meta["val"]``) at no real compute or memory.
+- ``torch.export`` (non-strict) for models fx cannot trace, such as Hugging Face transformers. Its core-ATen graph is
+  rewritten into the same vocabulary: each call of a module with a rule collapses back into one ``call_module`` node
+  (found from ``nn_module_stack``), lifted parameters become ``get_attr`` nodes, and the remaining ops keep their ATen
+  targets, which the registry knows too.
+
+Each node's ``meta["source"]`` names the user's line of code that made it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import linecache
+import os
+import re
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import fx, nn
+from torch.utils._pytree import tree_map
+
+from lightning_prune.errors import UnsupportedPatternError
+from lightning_prune.fusion.rules import registry
+
+_OWN = (f"{os.sep}torch{os.sep}", f"{os.sep}lightning_prune{os.sep}")
+
+
+@dataclass
+class Traced:
+    """The analysed graph of one model: an fx graph in one vocabulary, and whether its nodes carry shapes."""
+
+    graph: fx.Graph
+    shapes: bool
+    front_end: str  # "fx" or "export"
+
+
+class _Tracer(fx.Tracer):
+    """Treats every module with a fusion rule as a leaf and notes the user's source line of each node.
+
+    (fx's own ``record_stack_traces`` costs a second of imports on first use; one frame walk is enough here.)
+    """
+
+    def __init__(self) -> None:
+        functions = tuple(f for f in registry.active().python_functions() if inspect.isfunction(f))
+        super().__init__(autowrap_functions=functions)
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return registry.active().module_rule(m) is not None or super().is_leaf_module(m, module_qualified_name)
+
+    def create_node(self, *args, **kwargs) -> fx.Node:
+        node = super().create_node(*args, **kwargs)
+        node.meta["source"] = _user_frame()
+        return node
+
+
+def _user_frame() -> str | None:
+    """The innermost calling frame of the model's own code (outside torch and this package), or None when the
+    op comes from a library module alone (an ``nn.Sequential`` model): frames above the tracer are the caller's."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        if frame.f_code is _TRACE_CODE:
+            return None
+        path = frame.f_code.co_filename
+        if not any(part in path for part in _OWN):
+            return f"{path}:{frame.f_lineno}: {linecache.getline(path, frame.f_lineno).strip()}"
+        frame = frame.f_back
+    return None
+
+
+_TRACE_CODE = fx.Tracer.trace.__code__
+
+
+def trace(model: nn.Module, example_inputs: tuple[tuple, dict] | None = None) -> Traced:
+    """The model's graph; with ``example_inputs`` (``(args, kwargs)``) every node also carries its shape.
+
+    Raises:
+        UnsupportedPatternError: neither front end can read the model's forward.
+    """
+    try:
+        graph = _Tracer().trace(model)
+    except Exception as fx_error:  # fx raises many types; try export, then surface them as one clear config error
+        if example_inputs is None:
+            raise UnsupportedPatternError(
+                f"torch.fx could not trace {type(model).__name__}.forward ({type(fx_error).__name__}: {fx_error}). "
+                "Pass example_inputs so the model can be read with torch.export instead, or register custom "
+                "layers with lightning_prune.register_layer so they are treated as leaves."
+            ) from fx_error
+        return _export(model, example_inputs, fx_error)
+    if example_inputs is None:
+        return Traced(graph, shapes=False, front_end="fx")
+    try:
+        _propagate_shapes(model, graph, example_inputs)
+    except Exception as shape_error:  # noqa: BLE001 - any failure: let export try, which reports its own
+        return _export(model, example_inputs, shape_error)
+    return Traced(graph, shapes=True, front_end="fx")
+
+
+# -- shapes on the fx graph ---------------------------------------------------------------------------------------
+class _ShapeInterpreter(fx.Interpreter):
+    def run_node(self, n: fx.Node):
+        result = super().run_node(n)
+        n.meta["val"] = result
+        return result
+
+
+def _propagate_shapes(model: nn.Module, graph: fx.Graph, example_inputs: tuple[tuple, dict]) -> None:
+    """Run the graph on fake tensors: shapes and dtypes for every node, no real compute."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    args, kwargs = example_inputs
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    bound.apply_defaults()
+    values = list(bound.arguments.values())
+    flat = []
+    for node, value in zip(placeholders, values, strict=False):
+        param = inspect.signature(model.forward).parameters.get(node.target.lstrip("*"))
+        if param is not None and param.kind is inspect.Parameter.VAR_POSITIONAL:
+            flat.extend(value)
+        else:
+            flat.append(value)
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    fake = tree_map(lambda t: mode.from_tensor(t) if isinstance(t, torch.Tensor) else t, flat)
+    gm = fx.GraphModule(model, graph)
+    with mode, _eval(model), torch.no_grad():
+        _ShapeInterpreter(gm).run(*fake)
+
+
+@contextlib.contextmanager
+def _eval(model: nn.Module) -> Iterator[None]:
+    """Analyse in eval mode (no batch-statistics updates, no dropout), then restore every module's mode."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes.items():
+            m.training = training
+
+
+# -- export -------------------------------------------------------------------------------------------------------
+def _export(model: nn.Module, example_inputs: tuple[tuple, dict], fx_error: BaseException) -> Traced:
+    args, kwargs = example_inputs
+    try:
+        with _eval(model), torch.no_grad(), _quiet():
+            program = torch.export.export(model, tuple(args), dict(kwargs), strict=False)
+    except Exception as export_error:
+        raise UnsupportedPatternError(
+            f"cannot read {type(model).__name__}.forward: torch.fx failed ({type(fx_error).__name__}: {fx_error}) and "
+            f"torch.export failed ({type(export_error).__name__}: {export_error})"
+        ) from export_error
+    return Traced(_collapse(model, program), shapes=True, front_end="export")
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _collapse(model: nn.Module, program) -> fx.Graph:
+    """Rewrite an exported graph into the fx vocabulary: module calls with rules as ``call_module`` nodes."""
+    signature = program.graph_signature
+    lifted = {**signature.inputs_to_parameters, **signature.inputs_to_buffers,
+              **getattr(signature, "inputs_to_lifted_tensor_constants", {})}
+    modules = dict(model.named_modules())
+    rules = registry.active()
+    nodes = list(program.graph.nodes)
+    owner: dict[fx.Node, tuple[str, str]] = {}  # node -> (call key, module fqn) of the outermost module with a rule
+    for node in nodes:
+        if node.op != "call_function":
+            continue
+        for key, (path, _type) in (node.meta.get("nn_module_stack") or {}).items():
+            fqn = _fqn(path, modules)
+            if fqn is not None and fqn in modules and rules.module_rule(modules[fqn]) is not None:
+                owner[node] = (key, fqn)
+                break
+    calls: dict[str, list[fx.Node]] = {}
+    for node, (key, _module) in owner.items():
+        calls.setdefault(key, []).append(node)
+    collapsed: dict[str, tuple[str, list[fx.Node], fx.Node]] = {}  # call key -> (module fqn, its nodes, output)
+    for key, members in calls.items():
+        inside = set(members)
+        outputs = [n for n in members if any(u not in inside for u in n.users)]
+        if len(outputs) == 1:
+            collapsed[key] = (owner[members[0]][1], members, outputs[0])
+        else:  # several outputs (an LSTM's tuple): leave its ATen ops to the function rules
+            for n in members:
+                owner.pop(n)
+
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for node in nodes:
+        if node.op == "placeholder":
+            new = graph.get_attr(lifted[node.name]) if node.name in lifted else graph.placeholder(node.name)
+        elif node.op == "output":
+            new = graph.output(tree_map(lambda a: env.get(a, a) if isinstance(a, fx.Node) else a, node.args[0]))
+        elif node in owner:
+            fqn, members, out = collapsed[owner[node][0]]
+            if node is not out:
+                continue  # inside the module call: the call_module node stands for it
+            inside = set(members)
+            inputs: list[fx.Node] = []
+            for n in members:
+                for a in n.all_input_nodes:
+                    if a not in inside and a.name not in lifted and a not in inputs:
+                        inputs.append(a)
+            new = graph.call_module(fqn, tuple(env[a] for a in inputs))
+        else:
+            new = graph.node_copy(node, lambda a: env[a])
+        new.meta["val"] = node.meta.get("val")
+        new.meta["source"] = _export_source(node)
+        env[node] = new
+    return graph
+
+
+def _fqn(path: str, modules: dict[str, nn.Module]) -> str | None:
+    """The module FQN of an ``nn_module_stack`` path (``L['self'].layer1[0].conv`` or ``layer1.0.conv``)."""
+    if path in modules:
+        return path
+    cleaned = re.sub(r"^L\['self'\]\.?", "", path)
+    cleaned = re.sub(r"\[(\d+)\]", r".\1", cleaned)
+    cleaned = re.sub(r"\['([^']+)'\]", r".\1", cleaned).strip(".")
+    cleaned = cleaned.replace("._modules.", ".")
+    return cleaned if cleaned in modules else None
+
+
+def _export_source(node: fx.Node) -> str | None:
+    trace = node.meta.get("stack_trace")
+    if not trace:
+        return None
+    frames = re.findall(r'File "([^"]+)", line (\d+), in \w+\n\s*(.*)', trace)
+    for path, line, code in reversed(frames):
+        if not any(part in path for part in _OWN):
+            return f"{path}:{line}: {code.strip()}"
+    return None

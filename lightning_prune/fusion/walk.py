@@ -1,0 +1,301 @@
+"""The walk: one pass over the analysed graph that hands every node to its rule.
+
+The walk knows no layer types. It keeps each node's *value* (a :class:`~.layout.Layout` for a tensor that carries
+channels, a :class:`TensorRef` for a parameter or buffer read directly, a tuple for tuple outputs, None otherwise)
+and gives rules a :class:`Visit` through which they read their inputs and record what they do: the output layout,
+couplings, blocks, the tensor dims that must be narrowed with a layout (*bindings*), candidate producers, and the
+per-channel tensors that must be masked with the channels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from lightning_prune.fusion.groups import ChannelGroups
+from lightning_prune.fusion.layout import Layout
+from lightning_prune.fusion.rules import registry
+from lightning_prune.fusion.trace import Traced
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """A parameter or buffer read directly in forward (``get_attr``), not through its module's call."""
+
+    tensor: torch.Tensor
+    fqn: str
+
+
+@dataclass
+class Binding:
+    """One dim of one tensor that fusion narrows: ``labels`` gives the channel at each index along ``dim``."""
+
+    tensor: torch.Tensor
+    dim: int
+    labels: torch.Tensor
+    where: str
+
+
+@dataclass
+class Producer:
+    """A weight whose rows (along ``dim``) are output channels a pruner can mask: a candidate config entry."""
+
+    module: nn.Module
+    module_fqn: str
+    tensor_name: str
+    dim: int
+    labels: torch.Tensor  # the channel id of each row
+    rule: Any
+
+    @property
+    def tensor_fqn(self) -> str:
+        return f"{self.module_fqn}.{self.tensor_name}" if self.module_fqn else self.tensor_name
+
+
+@dataclass
+class Silence:
+    """A per-channel tensor (a bias, a norm's affine) masked with the channels it belongs to (``prune_bias``)."""
+
+    module: nn.Module
+    tensor_name: str
+    labels: torch.Tensor
+    always: bool = False  # masked whatever ``prune_bias`` says (an LSTM's gate biases keep pruned units at zero)
+
+
+@dataclass
+class Walk:
+    """Everything the walk recorded; the plan is built from it."""
+
+    model: nn.Module
+    traced: Traced
+    groups: ChannelGroups = field(default_factory=ChannelGroups)
+    values: dict[str, Any] = field(default_factory=dict)
+    bindings: dict[tuple[int, int], Binding] = field(default_factory=dict)  # (id(tensor), dim) -> binding
+    producers: dict[tuple[int, int], Producer] = field(default_factory=dict)
+    silences: list[Silence] = field(default_factory=list)
+    #: (node, module, rule, the label of each input feature) of every layer call that reads channels
+    consumers: list[tuple[fx.Node, nn.Module, Any, torch.Tensor]] = field(default_factory=list)
+    steps: list[tuple[fx.Node, Any]] = field(default_factory=list)  # (node, rule) of nodes that carry channels
+    actions: list[tuple[nn.Module, Any, Any]] = field(default_factory=list)  # rule-specific narrowing records
+    frozen: dict[int, str] = field(default_factory=dict)  # id(tensor) -> why it must keep its shape
+    holders: dict[int, list[tuple[nn.Module, str, str]]] = field(default_factory=dict)  # id -> (module, fqn, name)
+
+
+def walk(model: nn.Module, traced: Traced) -> Walk:
+    """Visit every node of ``traced`` in order with its rule."""
+    state = Walk(model, traced)
+    for fqn, module in model.named_modules(remove_duplicate=False):
+        for kind in (module._parameters, module._buffers):
+            for name, tensor in kind.items():
+                if tensor is not None:
+                    holders = state.holders.setdefault(id(tensor), [])
+                    if not any(h[0] is module and h[2] == name for h in holders):
+                        holders.append((module, fqn, name))
+    modules = dict(model.named_modules(remove_duplicate=False))
+    rules = registry.active()
+    for node in traced.graph.nodes:
+        visit = Visit(state, node, modules)
+        if node.op == "placeholder":
+            state.values[node.name] = None
+        elif node.op == "get_attr":
+            state.values[node.name] = _attr(model, node.target)
+        elif node.op == "output":
+            for value in visit.channel_inputs():
+                state.groups.mark_output(_labels_of(value))
+            _freeze_refs(state, visit, "is returned by forward")
+        else:
+            rule = rules.module_rule(visit.module) if node.op == "call_module" else rules.function_rule(node.target)
+            visit.rule = rule
+            state.values[node.name] = None
+            if rule is None:
+                visit.unknown()
+            else:
+                rule.visit(visit)
+                if _labels_of(state.values.get(node.name)).numel():
+                    state.steps.append((node, rule))
+    for key, binding in state.bindings.items():
+        reason = state.frozen.get(key[0])
+        if reason is not None:
+            state.groups.block(binding.labels, reason)
+    return state
+
+
+def _attr(model: nn.Module, target: str) -> Any:
+    value = model
+    for part in target.split("."):
+        value = getattr(value, part)
+    return TensorRef(value, target) if isinstance(value, torch.Tensor) else None
+
+
+def _labels_of(value: Any) -> torch.Tensor:
+    """Every channel id in a value (a layout or a nested tuple of them)."""
+    if isinstance(value, Layout):
+        return value.labels.reshape(-1)
+    if isinstance(value, (tuple, list)):
+        parts = [_labels_of(v) for v in value]
+        parts = [p for p in parts if p.numel()]
+        return torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)
+    return torch.empty(0, dtype=torch.long)
+
+
+def _freeze_refs(state: Walk, visit: Visit, why: str) -> None:
+    for node in visit.node.all_input_nodes:
+        ref = state.values.get(node.name)
+        if isinstance(ref, TensorRef):
+            state.frozen.setdefault(id(ref.tensor), f"'{ref.fqn}' {why} at {visit.where}, which keeps its shape")
+
+
+class Visit:
+    """What a rule sees of one node, and how it records what the node does to channels."""
+
+    def __init__(self, state: Walk, node: fx.Node, modules: dict[str, nn.Module]):
+        self.state = state
+        self.node = node
+        self.module: nn.Module | None = modules.get(node.target) if node.op == "call_module" else None
+        self.rule: Any = None
+
+    # -- reading ------------------------------------------------------------------------------------------------
+    @property
+    def where(self) -> str:
+        node = self.node
+        if node.op == "call_module":
+            what = f"{type(self.module).__name__} '{node.target}'"
+        else:
+            name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+            what = f"{'method' if node.op == 'call_method' else 'function'} '{name}'"
+        source = node.meta.get("source")
+        return f"{what} at node '{node.name}' ({source})" if source else f"{what} at node '{node.name}'"
+
+    @property
+    def shapes(self) -> bool:
+        return self.state.traced.shapes
+
+    def arg(self, index: int, name: str | None = None, default: Any = None) -> Any:
+        """Positional argument ``index`` or keyword ``name``."""
+        if index < len(self.node.args):
+            return self.node.args[index]
+        if name is not None and name in self.node.kwargs:
+            return self.node.kwargs[name]
+        return default
+
+    def value(self, arg: Any) -> Any:
+        return self.state.values.get(arg.name) if isinstance(arg, fx.Node) else None
+
+    def layout(self, arg: Any) -> Layout | None:
+        value = self.value(arg)
+        return value if isinstance(value, Layout) else None
+
+    def shape(self, arg: Any = None) -> tuple[int, ...] | None:
+        """The shape of ``arg`` (default: this node's output), when shapes are known."""
+        node = self.node if arg is None else arg
+        val = node.meta.get("val") if isinstance(node, fx.Node) else None
+        if isinstance(val, torch.Tensor):
+            return tuple(int(s) for s in val.shape)
+        if isinstance(arg, torch.Tensor):
+            return tuple(arg.shape)
+        return None
+
+    def ndim(self, arg: Any = None) -> int | None:
+        shape = self.shape(arg)
+        return None if shape is None else len(shape)
+
+    def channel_inputs(self) -> list[Any]:
+        """The values of every input node that carries channels."""
+        values = [self.state.values.get(a.name) for a in self.node.all_input_nodes]
+        return [v for v in values if _labels_of(v).numel()]
+
+    def tensor(self, name: str, module: nn.Module | None = None) -> torch.Tensor | None:
+        module = module if module is not None else self.module
+        return module._parameters.get(name, module._buffers.get(name)) if module is not None else None
+
+    def module_fqn(self, module: nn.Module) -> str:
+        holders = [h for hs in self.state.holders.values() for h in hs if h[0] is module]
+        if holders:
+            return holders[0][1]
+        for fqn, m in self.state.model.named_modules():
+            if m is module:
+                return fqn
+        return "?"
+
+    # -- recording ----------------------------------------------------------------------------------------------
+    def set(self, value: Any) -> None:
+        self.state.values[self.node.name] = value
+
+    def fresh(self, n: int) -> torch.Tensor:
+        return self.state.groups.fresh(n)
+
+    def block(self, value: Any, reason: str, retain: bool = False) -> None:
+        """Channels in ``value`` (a layout, tuple or label tensor) can never be removed, because of ``reason``."""
+        labels = value if isinstance(value, torch.Tensor) else _labels_of(value)
+        self.state.groups.block(labels, reason, retain)
+
+    def block_inputs(self, reason: str, skip: Any = None) -> None:
+        for arg in self.node.all_input_nodes:
+            if arg is not skip:
+                self.block(self.value(arg), f"{self.where} {reason}")
+        _freeze_refs(self.state, self, "is read")
+
+    def unknown(self) -> None:
+        if self.module is not None:
+            self.block_inputs(f"is unknown to fusion; register a rule for {type(self.module).__name__} with "
+                              "lightning_prune.register_layer")
+        else:
+            self.block_inputs("is not known to keep channels apart; register a rule for it with "
+                              "lightning_prune.register_function")
+
+    def couple(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Channels at the same positions of ``a`` and ``b`` are one (same shapes)."""
+        self.state.groups.couple(a, b, self.where)
+
+    def bind(self, tensor: torch.Tensor | None, dim: int, labels: torch.Tensor) -> None:
+        """``tensor`` is narrowed along ``dim`` with ``labels`` (a second binding of the same dim is coupled)."""
+        if tensor is None:
+            return
+        key = (id(tensor), dim % tensor.dim())
+        previous = self.state.bindings.get(key)
+        if previous is None:
+            self.state.bindings[key] = Binding(tensor, dim % tensor.dim(), labels.reshape(-1), self.where)
+        elif previous.labels.numel() != labels.numel():
+            reason = f"{self.where} and {previous.where} use one tensor with differently pruned channels"
+            self.block(previous.labels, reason)
+            self.block(labels, reason)
+        else:
+            self.couple(previous.labels, labels)
+
+    def bound(self, tensor: torch.Tensor, dim: int) -> torch.Tensor | None:
+        binding = self.state.bindings.get((id(tensor), dim % tensor.dim()))
+        return None if binding is None else binding.labels
+
+    def produce(self, module: nn.Module, tensor_name: str, dim: int, rows_per_channel: int = 1,
+                channels: int | None = None) -> torch.Tensor:
+        """The output channel ids of ``module.<tensor_name>``'s rows along ``dim`` (new on first use, the same on
+        every later call of the module or use of the tensor), registering it as a candidate producer."""
+        tensor = self.tensor(tensor_name, module)
+        rows = tensor.shape[dim]
+        existing = self.bound(tensor, dim)
+        if existing is None:
+            ids = self.fresh(channels if channels is not None else rows // rows_per_channel)
+            existing = ids.repeat(rows_per_channel)
+            self.bind(tensor, dim, existing)
+        key = (id(tensor), dim % tensor.dim())
+        if key not in self.state.producers:
+            self.state.producers[key] = Producer(module, self.module_fqn(module), tensor_name, dim % tensor.dim(),
+                                                 existing, self.rule)
+        return existing
+
+    def silence(self, module: nn.Module, tensor_name: str, labels: torch.Tensor, always: bool = False) -> None:
+        """With ``prune_bias`` (or ``always``), ``module.<tensor_name>`` (per channel, dim 0) is masked with the
+        channels in ``labels``."""
+        if self.tensor(tensor_name, module) is not None:
+            self.state.silences.append(Silence(module, tensor_name, labels.reshape(-1), always))
+
+    def action(self, data: Any) -> None:
+        """A rule-specific narrowing record, handed back to ``rule.narrow`` at prune time."""
+        self.state.actions.append((self.module, self.rule, data))
+
+    def freeze(self, tensor: torch.Tensor, reason: str) -> None:
+        """``tensor`` must keep its shape (something reads it whole): block whatever would narrow it."""
+        self.state.frozen.setdefault(id(tensor), reason)
