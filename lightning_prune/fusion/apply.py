@@ -226,6 +226,8 @@ def _narrowed(tensor: torch.Tensor, keep: dict[int, torch.Tensor], zero, surgery
     new = surgery.narrow(tensor, keep) if keep else tensor
     if isinstance(tensor, nn.Parameter) and new is not tensor:
         new = nn.Parameter(new, requires_grad=tensor.requires_grad)
+    if new is not tensor:
+        surgery.track(tensor, new)
     if zero is not None:
         dim, index = zero
         if dim in keep:  # positions of the narrowed tensor

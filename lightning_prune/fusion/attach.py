@@ -27,10 +27,9 @@ def attach_masks(plan: PruningPlan, prune_bias: dict[str, bool]) -> dict[str, Fa
                 parametrize.register_parametrization(module, name, fake, unsafe=True)
         masks[member.tensor_fqn] = fake
     member_classes = {m.tensor_fqn: plan.classes(m.labels) for m in plan.members}
-    members_of: dict[int, list] = {}
-    for m in plan.members:
-        for c in member_classes[m.tensor_fqn].unique().tolist():
-            members_of.setdefault(c, []).append(m)
+    pairs = [(c.unique(), k) for k, c in enumerate(member_classes.values())]
+    pair_class = torch.cat([c for c, _ in pairs]) if pairs else torch.empty(0, dtype=torch.long)
+    pair_member = torch.cat([torch.full_like(c, k) for c, k in pairs]) if pairs else pair_class
     done = {(id(m.module), m.tensor_name) for m in plan.members}
     for silence in plan.walk.silences:
         key = (id(silence.module), silence.tensor_name)
@@ -38,7 +37,7 @@ def attach_masks(plan: PruningPlan, prune_bias: dict[str, bool]) -> dict[str, Fa
             continue
         classes = plan.classes(silence.labels)
         order = classes[classes >= 0].unique()
-        sources = list({id(m): m for c in order.tolist() for m in members_of.get(c, [])}.values())
+        sources = [plan.members[k] for k in pair_member[torch.isin(pair_class, order)].unique().tolist()]
         if not sources or not (silence.always or all(prune_bias[m.tensor_fqn] for m in sources)):
             continue
         done.add(key)

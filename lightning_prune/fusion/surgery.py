@@ -41,6 +41,7 @@ class Surgery:
         self.edits = 0
         self._fault_at = _FAULT_AT.get()
         self._snapshots: set[int] = set()
+        self._tracked: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def __enter__(self) -> Surgery:
         return self
@@ -48,7 +49,10 @@ class Surgery:
     def __exit__(self, kind, error, tb) -> bool:
         if error is not None:
             self.rollback()
+            self._tracked.clear()
         self._undo.clear()
+        if error is None:
+            self.finalize()
         return False
 
     def _edit(self) -> None:
@@ -117,28 +121,48 @@ class Surgery:
         self._undo.append(undo)
 
     def narrow(self, old: torch.Tensor, keeps: dict[int, torch.Tensor]) -> torch.Tensor:
-        """A copy of ``old`` holding only the indices ``keeps[dim]`` along each dim; ``old`` is emptied (its removed
-        values kept aside to rebuild it on rollback)."""
+        """A view of ``old`` holding only the indices ``keeps[dim]`` (ascending) along each dim.
+
+        ``old``'s storage is permuted in place so the kept indices come first (undone on rollback); the view is
+        made compact, and ``old`` released, by :meth:`finalize` once every edit has succeeded.
+        """
         self._edit()
+        data = old.detach()
+        perms = []
         with torch.no_grad():
-            new = old.detach()
             for dim, index in sorted(keeps.items()):
-                new = new.index_select(dim, index.to(old.device))
-            new = new.clone() if new.data_ptr() == old.data_ptr() else new
-            shape, kept = old.shape, _block_mask(old.shape, keeps, old.device)
-            removed = old.detach()[~kept].clone()
-            # free the storage but keep the shape (optimizer state is sliced against it): one element, broadcast
-            old.data = torch.zeros((), dtype=old.dtype, device=old.device).expand(shape)
+                index = index.to(old.device)
+                size = data.shape[dim]
+                rest = torch.ones(size, dtype=torch.bool, device=old.device)
+                rest[index] = False
+                perm = torch.cat([index, rest.nonzero().flatten()])
+                if not torch.equal(perm, torch.arange(size, device=old.device)):
+                    data.copy_(data.index_select(dim, perm))
+                    perms.append((dim, perm))
+            view = data
+            for dim, index in keeps.items():
+                view = view.narrow(dim, 0, index.numel())
 
         def undo() -> None:
-            full = torch.empty(shape, dtype=new.dtype, device=new.device)
-            mask = _block_mask(shape, keeps, new.device)
-            full[mask] = new.detach().reshape(-1)
-            full[~mask] = removed
-            old.data = full
+            for dim, perm in reversed(perms):
+                data.copy_(data.index_select(dim, torch.argsort(perm)))
 
         self._undo.append(undo)
-        return new
+        return view
+
+    def track(self, old: torch.Tensor, new: torch.Tensor) -> None:
+        """``new`` (built on a view of ``old``) replaces ``old``: at :meth:`finalize` it becomes compact and ``old``
+        lets go of its storage, keeping its shape for whoever still holds it (an optimizer's state is sliced
+        against that shape)."""
+        self._tracked.append((old, new))
+
+    def finalize(self) -> None:
+        """After every edit succeeded: compact the narrowed tensors and free the old storages, one at a time."""
+        with torch.no_grad():
+            while self._tracked:
+                old, new = self._tracked.pop(0)
+                new.data = new.data.contiguous() if new.data.data_ptr() != old.data_ptr() else new.data.clone()
+                old.data = torch.zeros((), dtype=old.dtype, device=old.device).expand(old.shape)
 
     def zero(self, tensor: torch.Tensor, dim: int, index: torch.Tensor) -> None:
         """Zero ``tensor``'s entries ``index`` along ``dim`` in place."""
@@ -165,15 +189,3 @@ class Surgery:
         result = fn()
         self._undo.append(undo)
         return result
-
-
-def _block_mask(shape: torch.Size, keeps: dict[int, torch.Tensor], device) -> torch.Tensor:
-    """A bool tensor of ``shape``: True on the kept sub-block."""
-    mask = torch.ones(shape, dtype=torch.bool, device=device)
-    for dim, index in keeps.items():
-        line = torch.zeros(shape[dim], dtype=torch.bool, device=device)
-        line[index.to(device)] = True
-        view = [1] * len(shape)
-        view[dim] = -1
-        mask &= line.reshape(view)
-    return mask

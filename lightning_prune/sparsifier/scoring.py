@@ -37,9 +37,13 @@ class ScoringPruner(BaseStructuredSparsifier):
         self.decide([member], sparsity_level)
 
     def update_masks(self) -> None:
-        for coupled in self.coupled_sets():
-            level = max(group["sparsity_level"] for group, _ in coupled)
-            self.decide([member for _, member in coupled], level)
+        self._kept = self.plan.kept_classes()  # updated as each coupled set is decided
+        try:
+            for coupled in self.coupled_sets():
+                level = max(group["sparsity_level"] for group, _ in coupled)
+                self.decide([member for _, member in coupled], level)
+        finally:
+            self._kept = None
 
     def decide(self, members: list[Member], sparsity_level: float) -> None:
         """Mask the ``sparsity_level`` lowest-scoring classes of channels in every member.
@@ -66,6 +70,8 @@ class ScoringPruner(BaseStructuredSparsifier):
         keep[scores.topk(k, largest=False).indices] = False
         for idx, mask in zip(index, masks, strict=True):
             mask.copy_(keep[idx].to(mask.device))
+        if getattr(self, "_kept", None) is not None:
+            self._kept[classes] = keep | ~free
 
     def channel_scores(self, members: list[Member], index: list[torch.Tensor], kept: torch.Tensor,
                        count: int) -> torch.Tensor:
@@ -73,7 +79,7 @@ class ScoringPruner(BaseStructuredSparsifier):
         kept classes so layers of different magnitude weigh the same. Input columns fed only by removed channels
         do not count."""
         plan = self.plan
-        kept_classes = plan.kept_classes()
+        kept_classes = self._kept if getattr(self, "_kept", None) is not None else plan.kept_classes()
         total = torch.zeros(count)
         for member, idx in zip(members, index, strict=True):
             # the raw weight: masked rows differ from the masked weight, but they score -inf anyway
