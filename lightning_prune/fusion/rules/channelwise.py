@@ -75,6 +75,7 @@ class GroupNormRule(ChannelwiseRule):
             v.block(flow, f"{v.where} normalises all channels together (num_groups=1), so removing any changes the "
                           "others; GroupNorm(C, C) or InstanceNorm normalise per channel, and GroupNorm(G, C) with "
                           "G > 1 is pruned a whole group at a time")
+            v.set(flow)
             return
         super().visit(v)
         if v.state.values.get(v.node.name) is None:
@@ -160,6 +161,7 @@ class NormOverLastRule(ChannelwiseRule):
             v.block(flow, f"{v.where} normalises over the pruned channels, so its statistics change when they are "
                           "removed; leave this dimension whole and prune the layers inside the block instead (an "
                           "MLP's hidden width, attention heads)")
+            v.set(flow)  # the same channels flow on (kept): whatever they meet later is blocked for this reason
             return
         bias = getattr(v.module, "bias", None) if v.module is not None else v.arg(3, "bias")
         if bias is not None:
