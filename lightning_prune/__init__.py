@@ -3,7 +3,18 @@
 from lightning_prune.callback import StructuredPruning
 from lightning_prune.checkpoint import load_pruned, narrow_to_state_dict
 from lightning_prune.errors import PrunerStateError, PruningConfigError, UnsupportedPatternError
-from lightning_prune.fusion import ChannelwiseRule, ElementwiseRule, LayerRule, Rule, register_layer
+from lightning_prune.fusion import (
+    BlockingRule,
+    ChannelwiseRule,
+    ElementwiseRule,
+    LayerRule,
+    Rule,
+    RuleKind,
+    register_function,
+    register_layer,
+    rules_scope,
+)
+from lightning_prune.fusion.plan import PruningPlan
 from lightning_prune.masks import FakeStructuredSparsity
 from lightning_prune.sparsifier import (
     BaseStructuredSparsifier,
@@ -12,9 +23,11 @@ from lightning_prune.sparsifier import (
     SaliencyPruner,
     ScoringPruner,
 )
+from lightning_prune.sparsifier.explain import explain
 
 __all__ = [
     "BaseStructuredSparsifier",
+    "BlockingRule",
     "ChannelwiseRule",
     "ElementwiseRule",
     "FPGMPruner",
@@ -23,12 +36,17 @@ __all__ = [
     "LayerRule",
     "PrunerStateError",
     "PruningConfigError",
+    "PruningPlan",
     "Rule",
+    "RuleKind",
     "SaliencyPruner",
     "ScoringPruner",
     "UnsupportedPatternError",
+    "explain",
     "StructuredPruning",
     "load_pruned",
     "narrow_to_state_dict",
+    "register_function",
     "register_layer",
+    "rules_scope",
 ]

@@ -479,12 +479,10 @@ def randomize_norms(model: nn.Module) -> None:
     """Give each BatchNorm/LayerNorm statistics and affine values far from 0 and 1, so slicing errors show."""
     with torch.no_grad():
         for module in model.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            norms = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
+            if isinstance(module, norms) and module.running_mean is not None:
                 module.running_mean.uniform_(-1.0, 1.0)
                 module.running_var.uniform_(0.5, 2.0)
-            if (
-                isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm))
-                and module.weight is not None
-            ):
+            if isinstance(module, (*norms, nn.LayerNorm, nn.GroupNorm)) and module.weight is not None:
                 module.weight.uniform_(0.5, 1.5)
                 module.bias.uniform_(-1.0, 1.0)

@@ -51,6 +51,7 @@ class FusionResult:
     notes: list[str]
     #: (new tensor, id of the tensor it replaced, {dim: kept indices of the old one})
     lineage: list[tuple[torch.Tensor, int, dict[int, torch.Tensor]]]
+    edits: int = 0  # journaled edits made (each one a point where a failure would have rolled back)
 
 
 def fuse(plan: PruningPlan) -> FusionResult:
@@ -84,7 +85,7 @@ def fuse(plan: PruningPlan) -> FusionResult:
               for fqn, why in plan.retained.items()]
     for note in notes:
         warnings.warn(note, UserWarning, stacklevel=3)
-    return FusionResult(notes, lineage)
+    return FusionResult(notes, lineage, surgery.edits)
 
 
 def _removed(labels: torch.Tensor, root: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:

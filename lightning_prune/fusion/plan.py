@@ -63,6 +63,26 @@ class PruningPlan:
     retained: dict[str, str] = field(default_factory=dict)  # tensor fqn -> why its channels stay (zeroed)
     #: each module's parameter order before masks were attached, restored when they are removed
     param_orders: dict[int, list[str]] = field(default_factory=dict)
+    example_inputs: tuple[tuple, dict] | None = None
+    #: the level sizes are shown at by :meth:`table` and :meth:`to_dict`
+    sparsity_level: float = 0.5
+
+    def to_dict(self) -> dict[str, Any]:
+        """The plan as JSON-ready data: every channel group (producers, configured tensors, consumers, granularity,
+        channels and removable classes, what blocks it), the tensors left out and why, and params / MACs dense and
+        at :attr:`sparsity_level` (MACs need example inputs)."""
+        from lightning_prune.fusion.describe import describe
+
+        return describe(self, self.sparsity_level)
+
+    def table(self) -> str:
+        """:meth:`to_dict` as a fixed-width table."""
+        from lightning_prune.fusion.describe import format_table
+
+        return format_table(self.to_dict())
+
+    def __str__(self) -> str:
+        return self.table()
 
     @property
     def groups(self):
@@ -167,12 +187,13 @@ def analyse(
     example_inputs: tuple[tuple, dict] | None = None,
     exclude_output: bool = False,
     select: Callable[[str], bool] | None = None,
+    strict: bool = True,
 ) -> PruningPlan:
     """Trace and walk ``model``, then settle the members.
 
-    ``configured``: explicit tensor FQNs, honoured exactly or refused; None: every producer the walk found (for
-    which ``select(fqn)`` holds) that can be pruned exactly, leaving out the rest (and, with ``exclude_output``,
-    those whose channels reach the model's output).
+    ``configured``: explicit tensor FQNs, honoured exactly or refused (``strict=False``: left out with the reason,
+    as :func:`explain` shows them); None: every producer the walk found (for which ``select(fqn)`` holds) that can be
+    pruned exactly, leaving out the rest (and, with ``exclude_output``, those whose channels reach the output).
 
     Raises:
         UnsupportedPatternError: an explicit tensor cannot be pruned exactly (every such tensor and reason listed).
@@ -182,10 +203,10 @@ def analyse(
     producers = _by_fqn(state)
     explicit = configured is not None
     if explicit:
-        missing = [fqn for fqn in configured if fqn not in producers]
-        if missing:
-            raise UnsupportedPatternError("; ".join(_never_produced(model, state, fqn) for fqn in missing))
-        chosen = list(configured)
+        missing = {fqn: _never_produced(model, state, fqn) for fqn in configured if fqn not in producers}
+        if missing and strict:
+            raise UnsupportedPatternError("\n".join(missing.values()))
+        chosen = [fqn for fqn in configured if fqn not in missing]
     else:
         order = {id(m): k for k, m in enumerate(model.modules())}
         found = sorted(state.producers.values(), key=lambda p: order.get(id(p.module), len(order)))
@@ -195,7 +216,7 @@ def analyse(
         if id(producer) not in chosen_keys:
             state.groups.block(producer.labels, f"its channels are tied to those of '{producer.tensor_fqn}', which "
                                                 "is not configured (configure both)")
-    dropped: dict[str, str] = {}
+    dropped: dict[str, str] = dict(missing) if explicit else {}
     retained: dict[str, str] = {}
     while True:
         blocked = state.groups.blocked_classes()
@@ -213,7 +234,7 @@ def analyse(
                 problems[fqn] = _summary(reasons) or "no channel of it can be removed"
             elif outputs and any(c in outputs for c in classes):
                 problems[fqn] = "its channels reach the model's output"
-        if explicit and any(r == "its channels reach the model's output" for r in problems.values()):
+        if explicit and strict and any(r == "its channels reach the model's output" for r in problems.values()):
             reaching = [f for f, r in problems.items() if r == "its channels reach the model's output"]
             raise PruningConfigError(
                 f"config names {reaching}, whose channels reach the model's output: pruning them changes the output's "
@@ -221,7 +242,7 @@ def analyse(
                 "output explicitly.")
         if not problems:
             break
-        if explicit:
+        if explicit and strict:
             raise UnsupportedPatternError("\n".join(f"cannot prune '{fqn}' exactly: {reason}"
                                                      for fqn, reason in problems.items()))
         for fqn, reason in problems.items():
@@ -234,7 +255,7 @@ def analyse(
         module_fqn, _, name = fqn.rpartition(".")
         module = model.get_submodule(module_fqn)
         members.append(Member(module, module_fqn, name, fqn, producer.dim, producer.labels, producer.rule))
-    return PruningPlan(model, state, members, dropped, retained)
+    return PruningPlan(model, state, members, dropped, retained, example_inputs=example_inputs)
 
 
 def _summary(reasons: list[str], shown: int = 2) -> str:

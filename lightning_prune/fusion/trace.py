@@ -129,12 +129,12 @@ def _propagate_shapes(model: nn.Module, graph: fx.Graph, example_inputs: tuple[t
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     fake = tree_map(lambda t: mode.from_tensor(t) if isinstance(t, torch.Tensor) else t, flat)
     gm = fx.GraphModule(model, graph)
-    with mode, _eval(model), torch.no_grad():
+    with mode, eval_mode(model), torch.no_grad():
         _ShapeInterpreter(gm).run(*fake)
 
 
 @contextlib.contextmanager
-def _eval(model: nn.Module) -> Iterator[None]:
+def eval_mode(model: nn.Module) -> Iterator[None]:
     """Analyse in eval mode (no batch-statistics updates, no dropout), then restore every module's mode."""
     modes = {m: m.training for m in model.modules()}
     model.eval()
@@ -149,7 +149,7 @@ def _eval(model: nn.Module) -> Iterator[None]:
 def _export(model: nn.Module, example_inputs: tuple[tuple, dict], fx_error: BaseException) -> Traced:
     args, kwargs = example_inputs
     try:
-        with _eval(model), torch.no_grad(), _quiet():
+        with eval_mode(model), torch.no_grad(), _quiet():
             program = torch.export.export(model, tuple(args), dict(kwargs), strict=False)
     except Exception as export_error:
         raise UnsupportedPatternError(

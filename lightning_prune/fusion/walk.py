@@ -16,7 +16,7 @@ import torch
 from torch import fx, nn
 
 from lightning_prune.fusion.groups import ChannelGroups
-from lightning_prune.fusion.layout import Layout
+from lightning_prune.fusion.layout import FIXED, Layout
 from lightning_prune.fusion.rules import registry
 from lightning_prune.fusion.trace import Traced
 
@@ -264,6 +264,12 @@ class Visit:
             self.block(labels, reason)
         else:
             self.couple(previous.labels, labels)
+
+    def hold(self, tensor: torch.Tensor | None, dim: int) -> None:
+        """This use of ``tensor`` reads every index along ``dim`` (an input no configured layer produces, or one the
+        rule cannot follow): a binding of FIXED labels, so another use cannot narrow it."""
+        if tensor is not None:
+            self.bind(tensor, dim, torch.full((tensor.shape[dim],), FIXED, dtype=torch.long))
 
     def bound(self, tensor: torch.Tensor, dim: int) -> torch.Tensor | None:
         binding = self.state.bindings.get((id(tensor), dim % tensor.dim()))

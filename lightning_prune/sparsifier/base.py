@@ -9,9 +9,7 @@ from __future__ import annotations
 import abc
 import copy
 import difflib
-import numbers
-import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -23,15 +21,15 @@ from lightning_prune.fusion.attach import attach_masks
 from lightning_prune.fusion.plan import Member, PruningPlan, analyse
 from lightning_prune.fusion.rules import Rule, rules_scope
 from lightning_prune.masks import has_masks
-
-DEFAULTS = {"sparsity_level": 0.5, "prune_bias": True}
-_RESERVED = ("module", "module_fqn", "tensor_name", "tensor_fqn")
-
-
-def check_sparsity(value: Any, where: str) -> None:
-    """Raise unless ``value`` is a number in [0, 1)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < 1:
-        raise PruningConfigError(f"{where}: sparsity_level must be a number in [0, 1), got {value!r}")
+from lightning_prune.sparsifier.config import (
+    DEFAULTS,
+    RESERVED,
+    check_sparsity,
+    config_fqns,
+    fqn_filter,
+    normalize_example_inputs,
+    resolve_tensor,
+)
 
 
 class BaseStructuredSparsifier(abc.ABC):
@@ -70,11 +68,12 @@ class BaseStructuredSparsifier(abc.ABC):
         #: after prune(): the warnings fusion gave, and (new tensor, id of the old one, {dim: kept indices})
         self.notes: list[str] = []
         self.lineage: list = []
+        self.edits = 0
 
     def _check_keys(self, entry: Mapping[str, Any], where: str) -> None:
         if self.hyperparameters is None:
             return
-        unknown = sorted(set(entry) - self.hyperparameters - set(_RESERVED))
+        unknown = sorted(set(entry) - self.hyperparameters - set(RESERVED))
         if unknown:
             close = {k: difflib.get_close_matches(k, self.hyperparameters, n=1) for k in unknown}
             hints = "".join(f" ('{k}': did you mean '{c[0]}'?)" for k, c in close.items() if c)
@@ -139,19 +138,11 @@ class BaseStructuredSparsifier(abc.ABC):
         self.model, self.plan, self.pruned = model, plan, False
 
     def _groups_from_config(self, model: nn.Module, config: Any) -> list[dict[str, Any]]:
-        if not isinstance(config, (list, tuple)):
-            raise PruningConfigError(f"config must be a list of {{'tensor_fqn': ...}} dicts or None, got {config!r}")
-        groups, seen = [], set()
-        for entry in config:
-            if not isinstance(entry, dict) or not isinstance(entry.get("tensor_fqn"), str):
-                raise PruningConfigError(f"each config entry needs a 'tensor_fqn' string, got {entry!r}")
-            fqn = entry["tensor_fqn"]
-            if fqn in seen:
-                raise PruningConfigError(f"tensor_fqn '{fqn}' is configured twice")
-            seen.add(fqn)
-            module, module_fqn, tensor_name = _resolve(model, fqn)
+        groups = []
+        for fqn, entry in zip(config_fqns(config), config, strict=True):
+            module, module_fqn, tensor_name = resolve_tensor(model, fqn)
             self._check_keys(entry, f"config entry for '{fqn}'")
-            group = {**self.defaults, **{k: v for k, v in entry.items() if k not in _RESERVED}}
+            group = {**self.defaults, **{k: v for k, v in entry.items() if k not in RESERVED}}
             check_sparsity(group["sparsity_level"], f"tensor '{fqn}'")
             groups.append({**group, "module": module, "module_fqn": module_fqn, "tensor_name": tensor_name,
                            "tensor_fqn": fqn})
@@ -192,7 +183,7 @@ class BaseStructuredSparsifier(abc.ABC):
         with rules_scope(self.rules):
             result = fuse(self.plan)
         self.pruned = True
-        self.notes, self.lineage = result.notes, result.lineage
+        self.notes, self.lineage, self.edits = result.notes, result.lineage, result.edits
         return self.model
 
     def forget_model(self) -> None:
@@ -229,52 +220,15 @@ class BaseStructuredSparsifier(abc.ABC):
         saved = {g["tensor_fqn"]: g for g in state_dict.get("groups", [])}
         for group in self.groups:
             for key, value in saved.get(group["tensor_fqn"], {}).items():
-                if key not in _RESERVED:
+                if key not in RESERVED:
                     group[key] = value
 
     def __repr__(self) -> str:
         lines = [f"{type(self).__name__} ("]
         for group in self.groups:
-            params = {k: v for k, v in group.items() if k not in _RESERVED}
+            params = {k: v for k, v in group.items() if k not in RESERVED}
             lines.append(f"    {group['tensor_fqn']}: {params}")
         return "\n".join(lines + [")"])
-
-
-def normalize_example_inputs(example_inputs: Any) -> tuple[tuple, dict] | None:
-    """``(args, kwargs)`` for ``model.forward`` from a tensor, a tuple/list of positional arguments or a dict of
-    keyword arguments (Lightning's ``example_input_array`` convention); ``None`` stays ``None``."""
-    if example_inputs is None:
-        return None
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,), {}
-    if isinstance(example_inputs, (tuple, list)):
-        return tuple(example_inputs), {}
-    if isinstance(example_inputs, Mapping) and all(isinstance(k, str) for k in example_inputs):
-        return (), dict(example_inputs)
-    raise PruningConfigError(
-        f"example_inputs must be a tensor, a tuple of positional arguments or a dict of keyword arguments for "
-        f"model.forward, got {type(example_inputs).__name__}"
-    )
-
-
-def fqn_filter(include: list[str] | None, exclude: list[str] | None) -> Callable[[str], bool]:
-    """Whether a tensor FQN matches an ``include`` regex (any, if None) and no ``exclude`` regex.
-
-    Raises:
-        PruningConfigError: a pattern is not a valid regex.
-    """
-    patterns = {}
-    for pattern in (include or []) + (exclude or []):
-        try:
-            patterns[pattern] = re.compile(pattern)
-        except re.error as exc:
-            raise PruningConfigError(f"include/exclude pattern {pattern!r} is not a valid regex: {exc}") from None
-
-    def select(fqn: str) -> bool:
-        return (include is None or any(patterns[p].search(fqn) for p in include)) and not any(
-            patterns[p].search(fqn) for p in exclude or [])
-
-    return select
 
 
 def _mask_of(group: dict[str, Any]) -> torch.Tensor:
@@ -283,25 +237,3 @@ def _mask_of(group: dict[str, Any]) -> torch.Tensor:
 
 def has_masks_anywhere(model: nn.Module) -> bool:
     return any(has_masks(m) for m in model.modules())
-
-
-def _resolve(model: nn.Module, fqn: str) -> tuple[nn.Module, str, str]:
-    """The module, its fqn and the tensor name of ``fqn``, with a clear error naming close valid names."""
-    module_fqn, _, tensor_name = fqn.rpartition(".")
-    names = [n for n, p in model.named_parameters() if p.dim() >= 2]
-    try:
-        module = model.get_submodule(module_fqn)
-        tensor = getattr(module, tensor_name)
-    except AttributeError:
-        close = difflib.get_close_matches(fqn, names, n=3, cutoff=0.4) or names[:3]
-        raise PruningConfigError(
-            f"unknown tensor_fqn '{fqn}'; closest weights in {type(model).__name__}: {', '.join(close)}"
-        ) from None
-    if not isinstance(tensor, torch.Tensor):
-        raise PruningConfigError(f"tensor_fqn '{fqn}' is not a tensor but {type(tensor).__name__}")
-    if tensor.dim() < 2:
-        raise PruningConfigError(
-            f"tensor_fqn '{fqn}' is {tensor.dim()}-D; structured pruning removes rows of weights with 2 or more dims "
-            f"(for example '{module_fqn + '.weight' if module_fqn else 'weight'}')"
-        )
-    return module, module_fqn, tensor_name

@@ -154,6 +154,9 @@ class LayerRule(Rule):
         dim = self.channel_dim_for(v)
         if flow is not None:
             self.consume(v, module, flow, dim)
+        else:
+            name, weight_dim = self.input_tensor(module)
+            v.hold(v.tensor(name), weight_dim)
         v.set(self.produce(v, module, dim))
 
     def input_tensor(self, module: nn.Module) -> tuple[str, int]:
@@ -163,9 +166,10 @@ class LayerRule(Rule):
     def consume(self, v: Visit, module: nn.Module, flow: Layout, dim: int) -> None:
         """Bind the weight's input dim to the channels reaching the layer; block what it cannot read exactly."""
         labels = features_at(v, flow, dim, self.in_channels(module))
-        if labels is None:
-            return
         name, weight_dim = self.input_tensor(module)
+        if labels is None:
+            v.hold(v.tensor(name), weight_dim)
+            return
         v.bind(v.tensor(name), weight_dim, labels)
         v.state.consumers.append((v.node, module, self, labels))
 
@@ -234,10 +238,11 @@ class ChannelwiseRule(Rule):
 
     def visit(self, v: Visit) -> None:
         flow = input_layout(v)
-        if flow is None:
-            return
-        if not flow.at(self.dim_for(v, flow)):
-            v.block(flow, f"{v.where} does not take the pruned channels on its channel dimension")
+        if flow is None or not flow.at(self.dim_for(v, flow)):
+            if flow is not None:
+                v.block(flow, f"{v.where} does not take the pruned channels on its channel dimension")
+            for name in self.channel_tensors(v.module):
+                v.hold(v.tensor(name), 0)
             return
         labels = flow.labels.reshape(-1)
         for name in self.channel_tensors(v.module):

@@ -231,6 +231,8 @@ class LSTMRule(LayerRule):
             return
         if flow is not None:
             self.consume(v, module, flow, -1)
+        else:
+            v.hold(module.weight_ih_l0, 1)
         v.action(units)
         out = Layout.vector(units[-1], -1, ndim)
         # h_n / c_n: (num_layers, [batch,] hidden); the layer axis never loses a position
@@ -330,11 +332,12 @@ class FunctionalLayerRule(LayerRule):
         flow = v.layout(v.arg(0, "input"))
         dim = 1 if self.conv_dims and not (v.shapes and v.ndim(v.arg(0)) == self.conv_dims + 1) else (
             0 if self.conv_dims else -1)
-        if flow is not None:
-            labels = features_at(v, flow, dim, weight_ref.tensor.shape[1])
-            if labels is not None:
-                v.bind(weight_ref.tensor, 1, labels)
-                v.state.consumers.append((v.node, owner, self, labels))
+        labels = features_at(v, flow, dim, weight_ref.tensor.shape[1]) if flow is not None else None
+        if labels is not None:
+            v.bind(weight_ref.tensor, 1, labels)
+            v.state.consumers.append((v.node, owner, self, labels))
+        else:
+            v.hold(weight_ref.tensor, 1)
         ids = v.produce(owner, name, 0)
         if bias_ref is not None:
             bias_owner, _, bias_name = v.state.holders[id(bias_ref.tensor)][0]
@@ -347,8 +350,9 @@ class FunctionalLayerRule(LayerRule):
 
         bias_ref = v.value(v.arg(2, "bias"))
         weight_ref = v.value(v.arg(1, "weight"))
-        if isinstance(bias_ref, TensorRef):
-            return bias_ref.tensor.detach().to(torch.float64).cpu()
+        if isinstance(bias_ref, TensorRef):  # read through its module: masked with the channels
+            owner, _fqn, name = v.state.holders[id(bias_ref.tensor)][0]
+            return getattr(owner, name).detach().to(torch.float64).cpu()
         return torch.zeros(weight_ref.tensor.shape[0], dtype=torch.float64)
 
     def in_channels(self, module):

@@ -1,0 +1,103 @@
+"""Checking what users pass: config entries, tensor FQNs, sparsity levels, include/exclude regexes, example inputs.
+
+Each check raises :class:`~lightning_prune.errors.PruningConfigError` naming the bad value and what is accepted.
+"""
+
+from __future__ import annotations
+
+import difflib
+import numbers
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_prune.errors import PruningConfigError
+
+DEFAULTS = {"sparsity_level": 0.5, "prune_bias": True}
+#: keys of a group dict that name the tensor rather than a hyper-parameter
+RESERVED = ("module", "module_fqn", "tensor_name", "tensor_fqn")
+
+
+def check_sparsity(value: Any, where: str) -> None:
+    """Raise unless ``value`` is a number in [0, 1)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < 1:
+        raise PruningConfigError(f"{where}: sparsity_level must be a number in [0, 1), got {value!r}")
+
+
+def config_fqns(config: Any) -> list[str]:
+    """The tensor FQNs of a config (``[{"tensor_fqn": ...}, ...]``), checked for shape and duplicates."""
+    if not isinstance(config, (list, tuple)):
+        raise PruningConfigError(f"config must be a list of {{'tensor_fqn': ...}} dicts or None, got {config!r}")
+    fqns = []
+    for entry in config:
+        if not isinstance(entry, Mapping) or not isinstance(entry.get("tensor_fqn"), str):
+            raise PruningConfigError(
+                f"each config entry must be a dict like {{'tensor_fqn': 'net.0.weight'}} (optionally with "
+                f"'sparsity_level' / 'prune_bias'), got {entry!r}"
+            )
+        if entry["tensor_fqn"] in fqns:
+            raise PruningConfigError(f"tensor_fqn '{entry['tensor_fqn']}' is configured twice")
+        fqns.append(entry["tensor_fqn"])
+    return fqns
+
+
+def normalize_example_inputs(example_inputs: Any) -> tuple[tuple, dict] | None:
+    """``(args, kwargs)`` for ``model.forward`` from a tensor, a tuple/list of positional arguments or a dict of
+    keyword arguments (Lightning's ``example_input_array`` convention); ``None`` stays ``None``."""
+    if example_inputs is None:
+        return None
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,), {}
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs), {}
+    if isinstance(example_inputs, Mapping) and all(isinstance(k, str) for k in example_inputs):
+        return (), dict(example_inputs)
+    raise PruningConfigError(
+        f"example_inputs must be a tensor, a tuple of positional arguments or a dict of keyword arguments for "
+        f"model.forward, got {type(example_inputs).__name__}"
+    )
+
+
+def fqn_filter(include: list[str] | None, exclude: list[str] | None) -> Callable[[str], bool]:
+    """Whether a tensor FQN matches an ``include`` regex (any, if None) and no ``exclude`` regex.
+
+    Raises:
+        PruningConfigError: a pattern is not a valid regex.
+    """
+    patterns = {}
+    for pattern in (include or []) + (exclude or []):
+        try:
+            patterns[pattern] = re.compile(pattern)
+        except re.error as exc:
+            raise PruningConfigError(f"include/exclude pattern {pattern!r} is not a valid regex: {exc}") from None
+
+    def select(fqn: str) -> bool:
+        return (include is None or any(patterns[p].search(fqn) for p in include)) and not any(
+            patterns[p].search(fqn) for p in exclude or [])
+
+    return select
+
+
+def resolve_tensor(model: nn.Module, fqn: str) -> tuple[nn.Module, str, str]:
+    """The module, its fqn and the tensor name of ``fqn``, with a clear error naming close valid names."""
+    module_fqn, _, tensor_name = fqn.rpartition(".")
+    names = [n for n, p in model.named_parameters() if p.dim() >= 2]
+    try:
+        module = model.get_submodule(module_fqn)
+        tensor = getattr(module, tensor_name)
+    except AttributeError:
+        close = difflib.get_close_matches(fqn, names, n=3, cutoff=0.4) or names[:3]
+        raise PruningConfigError(
+            f"unknown tensor_fqn '{fqn}'; closest weights in {type(model).__name__}: {', '.join(close)}"
+        ) from None
+    if not isinstance(tensor, torch.Tensor):
+        raise PruningConfigError(f"tensor_fqn '{fqn}' is not a tensor but {type(tensor).__name__}")
+    if tensor.dim() < 2:
+        raise PruningConfigError(
+            f"tensor_fqn '{fqn}' is {tensor.dim()}-D; structured pruning removes rows of weights with 2 or more dims "
+            f"(for example '{module_fqn + '.weight' if module_fqn else 'weight'}')"
+        )
+    return module, module_fqn, tensor_name

@@ -1,0 +1,54 @@
+"""``explain()``: the pruning plan of a model, read before anything changes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from lightning_prune.fusion.plan import PruningPlan, analyse
+from lightning_prune.fusion.rules import Rule, rules_scope
+from lightning_prune.sparsifier.config import (
+    check_sparsity,
+    config_fqns,
+    fqn_filter,
+    normalize_example_inputs,
+    resolve_tensor,
+)
+
+
+def explain(
+    model: nn.Module,
+    config: list[dict[str, Any]] | None = None,
+    *,
+    example_inputs: Any = None,
+    sparsity_level: float = 0.5,
+    exclude_output: bool = True,
+    include: list[str] | None = None,
+    exclude: list[str] | None = None,
+    rules: dict[Any, Rule] | None = None,
+) -> PruningPlan:
+    """Analyse ``model`` as ``prepare()`` would, without touching it, and return the :class:`PruningPlan`.
+
+    ``print(plan)`` shows every channel group: its producers (configured ones starred), granularity (channel,
+    group-of-k for heads or GroupNorm groups), channels and how many of them can go, and what blocks the rest with
+    the op, module and source line; then parameters and MACs dense and at ``sparsity_level`` (MACs need
+    ``example_inputs``: a tensor, a tuple of positional arguments or a dict of keyword arguments for forward).
+    ``plan.to_dict()`` gives the same as JSON-ready data. Unlike ``prepare()``, an explicit ``config`` naming a
+    tensor that cannot be pruned exactly is shown as left out (with the reason) instead of raising. With
+    ``exclude_output`` (the default, as the callback does) layers whose channels reach the output are left out.
+
+    Raises:
+        PruningConfigError: a malformed config, an unknown tensor, a bad regex, bad example inputs, a sparsity level
+            outside [0, 1).
+        UnsupportedPatternError: the model's forward cannot be read (neither torch.fx nor torch.export).
+    """
+    check_sparsity(sparsity_level, "explain()")
+    fqns = config_fqns(config) if config is not None else None
+    for fqn in fqns or []:
+        resolve_tensor(model, fqn)
+    with rules_scope(rules):
+        plan = analyse(model, fqns, example_inputs=normalize_example_inputs(example_inputs),
+                       exclude_output=exclude_output, select=fqn_filter(include, exclude), strict=False)
+    plan.sparsity_level = sparsity_level
+    return plan
