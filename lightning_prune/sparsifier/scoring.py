@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -10,6 +11,28 @@ from torch import nn
 
 from lightning_prune.fusion.plan import Member
 from lightning_prune.sparsifier.base import BaseStructuredSparsifier
+
+
+@dataclass
+class ClassSet:
+    """The classes of channels of some coupled members, as one decision sees them.
+
+    ``classes`` are the distinct class roots (sorted) of the members' rows; ``index[k]`` maps member ``k``'s rows to
+    positions in ``classes``; ``kept`` says which classes any row keeps under the current masks; ``free`` which
+    classes nothing blocks (the only ones a pruner may remove).
+    """
+
+    members: list[Member]
+    classes: torch.Tensor
+    index: list[torch.Tensor]
+    masks: list[torch.Tensor]
+    kept: torch.Tensor
+    free: torch.Tensor
+
+    def write(self, keep: torch.Tensor) -> None:
+        """Set every member's row mask from ``keep`` (a bool per class)."""
+        for idx, mask in zip(self.index, self.masks, strict=True):
+            mask.copy_(keep[idx].to(mask.device))
 
 
 class ScoringPruner(BaseStructuredSparsifier):
@@ -45,60 +68,69 @@ class ScoringPruner(BaseStructuredSparsifier):
         finally:
             self._kept = None
 
+    def class_set(self, members: list[Member]) -> ClassSet:
+        """The classes of ``members``' rows, which of them the masks keep, and which nothing blocks."""
+        plan = self.plan
+        row_classes = [plan.classes(m.labels) for m in members]
+        classes = torch.cat([c[c >= 0] for c in row_classes]).unique()
+        index = [torch.searchsorted(classes, c.clamp_min(0)) for c in row_classes]
+        masks = [getattr(m.module.parametrizations, m.tensor_name)[0].mask for m in members]
+        kept = torch.zeros(classes.numel(), dtype=torch.long)
+        for idx, mask in zip(index, masks, strict=True):
+            kept.scatter_reduce_(0, idx, mask.cpu().long(), "amax")
+        blocked = torch.tensor(sorted(plan.groups.blocked_classes()), dtype=torch.long)
+        return ClassSet(members, classes, index, masks, kept.bool(), ~torch.isin(classes, blocked))
+
+    def class_scores(self, cs: ClassSet) -> torch.Tensor:
+        """One score per class of ``cs``: removed classes score -inf (they go first), blocked ones +inf."""
+        scores = self.channel_scores(cs.members, cs.index, cs.kept, cs.classes.numel())
+        return scores.masked_fill(~cs.kept, float("-inf")).masked_fill(~cs.free, float("inf"))
+
     def decide(self, members: list[Member], sparsity_level: float) -> None:
         """Mask the ``sparsity_level`` lowest-scoring classes of channels in every member.
 
         The classes are those of the members' rows (a channel, or a head, or a GroupNorm group: whatever the
         analysis found must go together); classes that cannot be removed are never counted or chosen.
         """
-        plan = self.plan
-        row_classes = [plan.classes(m.labels) for m in members]
-        classes = torch.cat([c[c >= 0] for c in row_classes]).unique()
-        index = [torch.searchsorted(classes, c.clamp_min(0)) for c in row_classes]
-        masks = [getattr(m.module.parametrizations, m.tensor_name)[0].mask for m in members]
-        kept_before = torch.zeros(classes.numel(), dtype=torch.long)
-        for idx, mask in zip(index, masks, strict=True):
-            kept_before.scatter_reduce_(0, idx, mask.cpu().long(), "amax")
-        kept_before = kept_before.bool()
-        blocked = torch.tensor(sorted(plan.groups.blocked_classes()), dtype=torch.long)
-        free = ~torch.isin(classes, blocked)
-        scores = self.channel_scores(members, index, kept_before, classes.numel())
-        scores = scores.masked_fill(~kept_before, float("-inf")).masked_fill(~free, float("inf"))
-        count = int(free.sum())
+        cs = self.class_set(members)
+        scores = self.class_scores(cs)
+        count = int(cs.free.sum())
         k = min(max(self.num_to_prune(count, sparsity_level), 0), count)
-        keep = torch.ones(classes.numel(), dtype=torch.bool)
+        keep = torch.ones(cs.classes.numel(), dtype=torch.bool)
         keep[scores.topk(k, largest=False).indices] = False
-        for idx, mask in zip(index, masks, strict=True):
-            mask.copy_(keep[idx].to(mask.device))
+        cs.write(keep)
         if getattr(self, "_kept", None) is not None:
-            self._kept[classes] = keep | ~free
+            self._kept[cs.classes] = keep | ~cs.free
 
     def channel_scores(self, members: list[Member], index: list[torch.Tensor], kept: torch.Tensor,
                        count: int) -> torch.Tensor:
-        """Each class's score: the sum over members of the scores of its rows, each member scaled to mean 1 over its
-        kept classes so layers of different magnitude weigh the same. Input columns fed only by removed channels
-        do not count."""
-        plan = self.plan
-        kept_classes = self._kept if getattr(self, "_kept", None) is not None else plan.kept_classes()
+        """Each class's score: the sum over members of the scores of its rows (:meth:`member_row_scores`), each
+        member scaled to mean 1 over its kept classes so layers of different magnitude weigh the same."""
         total = torch.zeros(count)
         for member, idx in zip(members, index, strict=True):
-            # the raw weight: masked rows differ from the masked weight, but they score -inf anyway
-            weight = plan.tensor(member.module, member.tensor_name).detach().movedim(member.dim, 0)
-            columns = plan.input_classes(member.module, member.tensor_name, member.dim)
-            if columns is not None and weight.dim() > 1 and columns.numel() == weight.shape[1]:
-                live = (columns < 0) | kept_classes[columns.clamp_min(0)]
-                if not live.all():
-                    weight = weight.index_select(1, live.nonzero().flatten().to(weight.device))
-            alive = kept[idx]
-            if self.rows_interact and not alive.all():  # keep removed rows out of the living rows' comparison
-                rows = alive.nonzero().flatten().to(weight.device)
-                row_scores = torch.zeros(weight.shape[0], device=weight.device)
-                row_scores[rows] = self.row_scores(weight.index_select(0, rows)).float()
-            else:
-                row_scores = self.row_scores(weight).float()
-            scores = torch.zeros(count).index_add_(0, idx, row_scores.cpu())
+            row_scores = self.member_row_scores(member, kept[idx])
+            scores = torch.zeros(count).index_add_(0, idx, row_scores.float().cpu())
             touched = torch.zeros(count, dtype=torch.bool)
             touched[idx] = True
             base = scores[touched & kept] if (touched & kept).any() else scores[touched]
             total += scores / base.abs().mean().clamp_min(torch.finfo(scores.dtype).tiny)
         return total
+
+    def member_row_scores(self, member: Member, alive: torch.Tensor) -> torch.Tensor:
+        """One score per row of ``member`` (``alive``: whether each row's class is kept). Weight-based: the
+        :meth:`row_scores` of the raw weight, without the input columns fed only by removed channels."""
+        plan = self.plan
+        kept_classes = self._kept if getattr(self, "_kept", None) is not None else plan.kept_classes()
+        # the raw weight: masked rows differ from the masked weight, but they score -inf anyway
+        weight = plan.tensor(member.module, member.tensor_name).detach().movedim(member.dim, 0)
+        columns = plan.input_classes(member.module, member.tensor_name, member.dim)
+        if columns is not None and weight.dim() > 1 and columns.numel() == weight.shape[1]:
+            live = (columns < 0) | kept_classes[columns.clamp_min(0)]
+            if not live.all():
+                weight = weight.index_select(1, live.nonzero().flatten().to(weight.device))
+        if self.rows_interact and not alive.all():  # keep removed rows out of the living rows' comparison
+            rows = alive.nonzero().flatten().to(weight.device)
+            row_scores = torch.zeros(weight.shape[0], device=weight.device)
+            row_scores[rows] = self.row_scores(weight.index_select(0, rows)).float()
+            return row_scores
+        return self.row_scores(weight)
