@@ -11,7 +11,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
+
+from lightning_prune.fusion.cost import layer_macs, main_tensor, own_tensors
 
 if TYPE_CHECKING:
     from lightning_prune.fusion.plan import PruningPlan
@@ -114,46 +115,21 @@ def _params(plan: PruningPlan, root: torch.Tensor, kept: torch.Tensor) -> tuple[
         live = labels >= 0
         remains = (~live | torch.where(live, kept[root[labels.clamp_min(0)]], True)).float().mean().item()
         fraction[tensor_id] = fraction.get(tensor_id, 1.0) * remains
-    tensors = {id(t): t for m in plan.model.modules() for t in _tensors(m)}
+    tensors = {id(t): t for m in plan.model.modules() for t in own_tensors(m)}
     before = sum(t.numel() for t in tensors.values())
     after = sum(round(t.numel() * fraction.get(i, 1.0)) for i, t in tensors.items())
     return before, after, fraction
 
 
-def _tensors(module: nn.Module) -> list[torch.Tensor]:
-    """A module's own parameters, the originals under masks included."""
-    found = [p for p in module._parameters.values() if p is not None]
-    plists = getattr(module, "parametrizations", None)
-    if plists is not None:
-        found += [plist.original for plist in plists.values()]
-    return found
-
-
 def _macs(plan: PruningPlan, fraction: dict[int, float]) -> dict[str, int] | None:
-    """Dense MACs per layer from a fake-tensor forward, and each layer scaled by the fraction of its weight left."""
-    if plan.example_inputs is None:
+    """Dense MACs per layer (:func:`~.cost.layer_macs`), and each layer scaled by the fraction of its weight left."""
+    counted = layer_macs(plan)
+    if counted is None:
         return None
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.utils._pytree import tree_map
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from lightning_prune.fusion.trace import eval_mode
-
-    args, kwargs = plan.example_inputs
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
-    fake_args, fake_kwargs = tree_map(lambda t: mode.from_tensor(t) if isinstance(t, torch.Tensor) else t,
-                                      (tuple(args), dict(kwargs)))
-    counter = FlopCounterMode(display=False)
-    with mode, eval_mode(plan.model), torch.no_grad(), counter:
-        plan.model(*fake_args, **fake_kwargs)
-    counts = {key.partition(".")[2]: sum(ops.values()) for key, ops in counter.get_flop_counts().items()}
-    total = counter.get_total_flops()
+    total, leaves, batch = counted
     modules = dict(plan.model.named_modules())
-    leaves = {name: flops for name, flops in counts.items() if name in modules and not list(modules[name].children())}
     after = total - sum(leaves.values())
-    for name, flops in leaves.items():
-        weight = next(iter(_tensors(modules[name])), None)
-        after += flops * (fraction.get(id(weight), 1.0) if weight is not None else 1.0)
-    batch = next((t.shape[0] for t in list(args) + list(kwargs.values()) if isinstance(t, torch.Tensor)
-                  and t.dim()), 1)
-    return {"dense": total // 2, "pruned": int(after) // 2, "batch": int(batch)}
+    for name, macs in leaves.items():
+        tensor = main_tensor(plan, modules[name])
+        after += macs * (fraction.get(id(tensor), 1.0) if tensor is not None else 1.0)
+    return {"dense": total, "pruned": int(after), "batch": batch}

@@ -1,0 +1,141 @@
+"""What a pruned model costs, as a function of which classes of channels it keeps.
+
+Every tensor fusion narrows shrinks along each bound dim in proportion to the positions kept there, so a layer's
+parameters, and the MACs of a Linear or conv (proportional to its weight's size), are the dense count times the
+product over its bound dims of the fraction kept. :class:`CostModel` holds those terms once per plan, so a budget can
+evaluate a kept set, and the saving of removing each class, in a few tensor operations. Dense MACs per layer come from
+``torch.utils.flop_counter`` on fake tensors of the example inputs (no real compute); MACs outside leaf layers
+(functional matmuls, attention) are counted as fixed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from lightning_prune.fusion.plan import PruningPlan
+
+METRICS = ("macs", "params")
+
+
+def layer_macs(plan: PruningPlan) -> tuple[int, dict[str, int], int] | None:
+    """Dense MACs of the plan's example inputs: the total, each leaf module's (by FQN) and the batch size; None
+    without example inputs."""
+    if plan.example_inputs is None:
+        return None
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._pytree import tree_map
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from lightning_prune.fusion.trace import eval_mode
+
+    args, kwargs = plan.example_inputs
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    fake_args, fake_kwargs = tree_map(lambda t: mode.from_tensor(t) if isinstance(t, torch.Tensor) else t,
+                                      (tuple(args), dict(kwargs)))
+    counter = FlopCounterMode(display=False)
+    with mode, eval_mode(plan.model), torch.no_grad(), counter:
+        plan.model(*fake_args, **fake_kwargs)
+    counts = {key.partition(".")[2]: sum(ops.values()) for key, ops in counter.get_flop_counts().items()}
+    modules = dict(plan.model.named_modules())
+    leaves = {name: flops // 2 for name, flops in counts.items()
+              if name in modules and not list(modules[name].children())}
+    batch = next((t.shape[0] for t in list(args) + list(kwargs.values()) if isinstance(t, torch.Tensor)
+                  and t.dim()), 1)
+    return counter.get_total_flops() // 2, leaves, int(batch)
+
+
+def own_tensors(module: nn.Module) -> list[torch.Tensor]:
+    """A module's own parameters, the originals under masks included."""
+    found = [p for p in module._parameters.values() if p is not None]
+    plists = getattr(module, "parametrizations", None)
+    if plists is not None:
+        found += [plist.original for plist in plists.values()]
+    return found
+
+
+def main_tensor(plan: PruningPlan, module: nn.Module) -> torch.Tensor | None:
+    """The tensor whose size a layer's MACs follow: its ``weight`` (masked or not), else its first parameter."""
+    weight = plan.tensor(module, "weight")
+    return weight if weight is not None else next(iter(own_tensors(module)), None)
+
+
+@dataclass
+class CostModel:
+    """``cost(kept) = fixed + sum_t dense_t * prod_d (fraction of positions kept along bound dim d of term t)``.
+
+    ``kept`` is a bool per channel id, read at class roots (as :meth:`PruningPlan.kept_classes` returns it);
+    positions no producer controls (FIXED) always stay.
+    """
+
+    metric: str
+    dense: float
+    fixed: float
+    terms: list[tuple[float, list[torch.Tensor]]]  # (dense cost, the class root at each position of each bound dim)
+
+    @classmethod
+    def of(cls, plan: PruningPlan, metric: str) -> CostModel:
+        """The cost model of ``metric`` ("macs": needs the plan's example inputs; "params").
+
+        Raises:
+            ValueError: an unknown metric, or "macs" without example inputs.
+        """
+        if metric not in METRICS:
+            raise ValueError(f"unknown cost metric {metric!r}; choose one of {list(METRICS)}")
+        root = plan.groups.solve()
+        dims: dict[int, list[torch.Tensor]] = {}
+        for (tensor_id, _dim), binding in sorted(plan.walk.bindings.items(), key=lambda kv: kv[0][1]):
+            labels = binding.labels
+            dims.setdefault(tensor_id, []).append(torch.where(labels >= 0, root[labels.clamp_min(0)], -1))
+        if metric == "params":
+            tensors = {id(t): t for m in plan.model.modules() for t in own_tensors(m)}
+            dense = float(sum(t.numel() for t in tensors.values()))
+            terms = [(float(t.numel()), dims[i]) for i, t in tensors.items() if i in dims]
+        else:
+            counted = layer_macs(plan)
+            if counted is None:
+                raise ValueError("counting MACs needs example inputs")
+            total, leaves, _batch = counted
+            modules = dict(plan.model.named_modules())
+            dense, terms = float(total), []
+            for name, macs in leaves.items():
+                tensor = main_tensor(plan, modules[name])
+                if tensor is not None and id(tensor) in dims and macs:
+                    terms.append((float(macs), dims[id(tensor)]))
+        return cls(metric, dense, dense - sum(w for w, _ in terms), terms)
+
+    def total(self, kept: torch.Tensor) -> float:
+        """The cost with the classes in ``kept``."""
+        cost = self.fixed
+        for weight, dims in self.terms:
+            fraction = 1.0
+            for labels in dims:
+                fraction *= float(_kept_at(kept, labels).float().mean()) if labels.numel() else 1.0
+            cost += weight * fraction
+        return cost
+
+    def savings(self, kept: torch.Tensor) -> torch.Tensor:
+        """For every channel id, how much the cost falls if that class alone is removed from ``kept`` (0 for ids
+        that are not kept class roots)."""
+        saved = torch.zeros(kept.numel(), dtype=torch.float64)
+        for weight, dims in self.terms:
+            before, after = 1.0, torch.ones(kept.numel(), dtype=torch.float64)
+            for labels in dims:
+                if not labels.numel():
+                    continue
+                stays = _kept_at(kept, labels)
+                counts = torch.bincount(labels[stays & (labels >= 0)], minlength=kept.numel()).double()
+                fraction = float(stays.double().mean())
+                before *= fraction
+                after *= fraction - counts / labels.numel()
+            saved += weight * (before - after)
+        return saved
+
+
+def _kept_at(kept: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Whether each position stays: FIXED positions always, the others when their class is kept."""
+    return (labels < 0) | kept[labels.clamp_min(0)]
