@@ -132,10 +132,16 @@ class BaseStructuredSparsifier(abc.ABC):
             else:
                 groups = [{**self.defaults, "module": m.module, "module_fqn": m.module_fqn,
                            "tensor_name": m.tensor_name, "tensor_fqn": m.tensor_fqn} for m in plan.members]
+            self.check_plan(plan, groups)
             masks = attach_masks(plan, {g["tensor_fqn"]: bool(g["prune_bias"]) for g in groups})
         self.groups = groups
         self.state = {fqn: {"mask": parametrization.mask} for fqn, parametrization in masks.items()}
         self.model, self.plan, self.pruned = model, plan, False
+
+    def check_plan(self, plan: PruningPlan, groups: list[dict[str, Any]]) -> None:
+        """Refuse, before any mask is attached, a plan this pruner cannot work with (raise PruningConfigError or
+        UnsupportedPatternError naming the fix). The default accepts every plan."""
+        return None
 
     def _groups_from_config(self, model: nn.Module, config: Any) -> list[dict[str, Any]]:
         groups = []

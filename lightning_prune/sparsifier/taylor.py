@@ -1,0 +1,88 @@
+"""First-order Taylor importance from the gradients of the training run (Molchanov et al., "Importance Estimation
+for Neural Network Pruning", CVPR 2019, https://arxiv.org/abs/1906.10771)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.utils.hooks import RemovableHandle
+
+from lightning_prune.errors import PruningConfigError
+from lightning_prune.sparsifier.statistics import StatisticsPruner, masked_tensors
+
+SAMPLE_POINTS = ("backward", "step")
+
+
+class TaylorPruner(StatisticsPruner):
+    """Prunes the channels whose removal changes the loss least, to first order.
+
+    Removing channel ``c`` zeroes the parameters masked with it: its rows of the configured weights and, with
+    ``prune_bias`` (the default), its bias and the per-channel affine after it (a BatchNorm's weight and bias).
+    The first-order change of the loss is ``sum_{w in c} w * dL/dw``; per batch the pruner records its square
+    (Molchanov et al. eq. 8, the contribution of a group of parameters), and averages it over batches as
+    :mod:`~lightning_prune.sparsifier.statistics` describes. A class that spans several producers (a residual
+    stream) sums its members' scores, each scaled to mean 1.
+
+    With a BatchNorm after the layer the weight rows carry almost no signal (in training mode the normalisation
+    makes the loss invariant to their scale, so ``sum w * dL/dw`` is ~0) and the affine's terms carry it: the
+    "gate after BN" criterion of the paper. With ``prune_bias=False`` the affine is not masked and not counted.
+
+    Gradients are those of the raw (unmasked) parameters; masked rows receive none and are pruned already.
+
+    Args:
+        sparsity_level: fraction of each coupled set's channels to prune, in [0, 1) (or give ``target``).
+        beta: decay of the moving average over batches, in [0, 1).
+        sample: ``"backward"`` (default): hooks registered at ``prepare()`` take one sample per backward pass, from
+            that pass's gradients (each micro-batch of gradient accumulation counts; gradients scaled by a
+            ``GradScaler`` are taken as they are, so call :meth:`observe` instead). ``"step"``: one sample per call
+            of :meth:`observe`, from the parameters' ``.grad`` at that moment: call it once per optimizer step, after
+            ``scaler.unscale_(optimizer)`` and the last micro-batch, before clipping. The Lightning callback does
+            this at ``on_before_optimizer_step`` (gradients accumulated, unscaled, averaged over DDP ranks).
+        **kwargs: ``prune_bias``, ``target``, ``rules`` as for every :class:`ScoringPruner`.
+
+    Raises:
+        PruningConfigError: ``sample`` is not one of ``"backward"``, ``"step"``; a bad ``beta`` or hyper-parameter.
+        PrunerStateError: ``step()`` before any sample was taken.
+    """
+
+    needs = "at least one forward and backward pass"
+
+    def __init__(self, defaults: dict[str, Any] | None = None, *, sample: str = "backward", **kwargs: Any):
+        if sample not in SAMPLE_POINTS:
+            raise PruningConfigError(f"TaylorPruner: sample must be one of {list(SAMPLE_POINTS)}, got {sample!r}")
+        super().__init__(defaults, **kwargs)
+        self.sample = sample
+
+    def register_hooks(self) -> list[RemovableHandle]:
+        self._tensors = [(t, dim, labels) for t, dim, labels in masked_tensors(self) if t.requires_grad]
+        if not self._tensors:
+            return []
+
+        def on_backward(grads: list[torch.Tensor | None]) -> None:
+            if self.sample == "backward":
+                self._take(grads)
+
+        hook = torch.autograd.graph.register_multi_grad_hook([t for t, _, _ in self._tensors], on_backward, mode="all")
+        return [hook]
+
+    def sample_at_optimizer_steps(self) -> None:
+        self.sample = "step"
+
+    def observe(self) -> None:
+        """Take one sample from the ``.grad`` of the masked parameters (see ``sample="step"``)."""
+        self._require_prepared("observe()")
+        self._take([t.grad for t, _, _ in self._tensors])
+
+    def _take(self, grads: list[torch.Tensor | None]) -> None:
+        pairs = [(entry, g) for entry, g in zip(self._tensors, grads, strict=True) if g is not None]
+        if not pairs:
+            return
+        with torch.no_grad():
+            sample, seen = self.new_sample(pairs[0][1].device)
+            for (tensor, dim, labels), grad in pairs:
+                per_index = (tensor.detach().float() * grad.float()).movedim(dim, 0).reshape(labels.numel(), -1).sum(1)
+                live = labels >= 0
+                sample.index_add_(0, labels[live].to(sample.device), per_index[live.to(per_index.device)])
+                seen[labels[live]] = True
+            self.record(sample.square(), seen)
