@@ -17,16 +17,22 @@ from lightning_prune.fusion import (
 from lightning_prune.fusion.plan import PruningPlan
 from lightning_prune.masks import FakeStructuredSparsity
 from lightning_prune.sparsifier import (
+    ActivationPruner,
     BaseStructuredSparsifier,
+    Budget,
     FPGMPruner,
     LSTMSaliencyPruner,
     SaliencyPruner,
     ScoringPruner,
+    StatisticsPruner,
+    TaylorPruner,
 )
 from lightning_prune.sparsifier.explain import explain
 
 __all__ = [
+    "ActivationPruner",
     "BaseStructuredSparsifier",
+    "Budget",
     "BlockingRule",
     "ChannelwiseRule",
     "ElementwiseRule",
@@ -41,6 +47,8 @@ __all__ = [
     "RuleKind",
     "SaliencyPruner",
     "ScoringPruner",
+    "StatisticsPruner",
+    "TaylorPruner",
     "UnsupportedPatternError",
     "explain",
     "StructuredPruning",

@@ -14,14 +14,14 @@ class FPGMPruner(ScoringPruner):
     """Prunes the filters closest to the geometric median of their layer: the most replaceable ones, not the smallest.
 
     Args:
-        sparsity_level: fraction of channels to prune, in [0, 1).
+        sparsity_level: fraction of channels to prune, in [0, 1); default 0.5 (or give ``target``, a budget).
         dist: 1 or 2 for the L1/L2 distance between flattened filters, or a callable mapping an (N, D) matrix to an
             (N, N) distance matrix. Default: 2.
     """
 
     rows_interact = True
 
-    def __init__(self, sparsity_level: float = 0.5, dist: Callable | int | None = None, **kwargs):
+    def __init__(self, sparsity_level: float | None = None, dist: Callable | int | None = None, **kwargs):
         if dist is None:
             dist = 2
         if callable(dist):
@@ -31,7 +31,9 @@ class FPGMPruner(ScoringPruner):
             self.dist_fn = lambda x: torch.cdist(x, x, p=p)
         else:
             raise PruningConfigError(f"FPGMPruner dist must be 1, 2 or a callable, got {dist!r}")
-        super().__init__(sparsity_level=sparsity_level, **kwargs)
+        if sparsity_level is not None:
+            kwargs["sparsity_level"] = sparsity_level
+        super().__init__(**kwargs)
 
     def _compute_distance(self, t: torch.Tensor) -> torch.Tensor:
         """Each filter's summed distance to all others, computed as one matrix (no loop over filters)."""

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_prune.errors import PruningConfigError
 from lightning_prune.sparsifier.saliency import SaliencyPruner
 
 
@@ -20,6 +21,9 @@ class LSTMSaliencyPruner(SaliencyPruner):
     """
 
     def __init__(self, defaults: dict[str, Any] | None = None, tie_gates: bool = False, **kwargs: Any):
+        if kwargs.get("target") is not None and not tie_gates:
+            raise PruningConfigError("LSTMSaliencyPruner: a target (budget) needs tie_gates=True, so whole hidden "
+                                     "units are removed and their cost is known")
         super().__init__(defaults, **kwargs)
         self.tie_gates = bool(tie_gates)
 

@@ -9,8 +9,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_prune.fusion.plan import Member
+from lightning_prune.errors import PruningConfigError
+from lightning_prune.fusion.cost import CostModel
+from lightning_prune.fusion.plan import Member, PruningPlan
+from lightning_prune.masks import row_mask
 from lightning_prune.sparsifier.base import BaseStructuredSparsifier
+from lightning_prune.sparsifier.budget import Budget, allocate
 
 
 @dataclass
@@ -25,7 +29,7 @@ class ClassSet:
     members: list[Member]
     classes: torch.Tensor
     index: list[torch.Tensor]
-    masks: list[torch.Tensor]
+    masks: list[torch.Tensor | None]  # None before masks are attached (every row kept)
     kept: torch.Tensor
     free: torch.Tensor
 
@@ -35,11 +39,38 @@ class ClassSet:
             mask.copy_(keep[idx].to(mask.device))
 
 
+def class_set(plan: PruningPlan, members: list[Member]) -> ClassSet:
+    """The classes of ``members``' rows, which of them the masks keep, and which nothing blocks."""
+    row_classes = [plan.classes(m.labels) for m in members]
+    classes = torch.cat([c[c >= 0] for c in row_classes]).unique()
+    index = [torch.searchsorted(classes, c.clamp_min(0)) for c in row_classes]
+    fakes = [row_mask(m.module, m.tensor_name) for m in members]
+    masks = [None if fake is None else fake.mask for fake in fakes]
+    kept = torch.zeros(classes.numel(), dtype=torch.long)
+    for idx, mask in zip(index, masks, strict=True):
+        kept.scatter_reduce_(0, idx, torch.ones_like(idx) if mask is None else mask.cpu().long(), "amax")
+    blocked = torch.tensor(sorted(plan.groups.blocked_classes()), dtype=torch.long)
+    return ClassSet(members, classes, index, masks, kept.bool(), ~torch.isin(classes, blocked))
+
+
 class ScoringPruner(BaseStructuredSparsifier):
     """Prunes the lowest-scoring channels. Tensors whose channels are coupled (a residual stream, a depthwise block,
     an LSTM layer's two weights) get one combined score, so the same channels go in every member.
 
     Channels pruned earlier score lowest, so a rising schedule only ever adds to the pruned set.
+
+    Args:
+        sparsity_level: the fraction of each coupled set's classes to prune, in [0, 1).
+        target: a cost budget instead of ``sparsity_level``: a :class:`~lightning_prune.sparsifier.budget.Budget` or
+            a dict such as ``{"macs": 0.5}`` (half the dense MACs; needs ``example_inputs`` at prepare) or
+            ``{"params": 0.25, "multiple_of": 8}``. Classes are then ranked across coupled sets (see
+            :mod:`~lightning_prune.sparsifier.budget`). The groups' ``sparsity_level`` becomes the fraction of the
+            dense cost to remove, ``1 - target``, so a schedule ramps the budget as it ramps a sparsity.
+
+    Raises:
+        PruningConfigError: a bad ``target`` (unknown key, fraction outside (0, 1]), or both ``target`` and
+            ``sparsity_level``; at prepare, a MACs budget without example inputs, a config entry with its own
+            ``sparsity_level`` under a budget, or a budget the width floors cannot reach.
     """
 
     hyperparameters = frozenset({"sparsity_level", "prune_bias"})
@@ -49,6 +80,42 @@ class ScoringPruner(BaseStructuredSparsifier):
     @abc.abstractmethod
     def row_scores(self, weight: torch.Tensor) -> torch.Tensor:
         """One importance score per row of ``weight`` (higher is kept)."""
+
+    def __init__(self, defaults: dict[str, Any] | None = None, *, target: Any = None, **kwargs: Any):
+        self.budget = None if target is None else Budget.parse(target)
+        if self.budget is not None:
+            if "sparsity_level" in (defaults or {}) or "sparsity_level" in kwargs:
+                raise PruningConfigError(
+                    f"{type(self).__name__}: give either sparsity_level (the same fraction of every layer) or target "
+                    f"(a {self.budget.metric} budget), not both")
+            kwargs["sparsity_level"] = 1.0 - self.budget.ratio
+        super().__init__(defaults, **kwargs)
+        #: the cost model of the budget and, after each step(), the fraction of the dense cost reached
+        self.cost: CostModel | None = None
+        self.budget_reached: float | None = None
+
+    def check_plan(self, plan: PruningPlan, groups: list[dict[str, Any]]) -> None:
+        budget = self.budget
+        if budget is None:
+            return
+        if budget.metric == "macs" and plan.example_inputs is None:
+            raise PruningConfigError(
+                "target={'macs': ...} counts MACs on example inputs: pass prepare(..., example_inputs=...) (the "
+                "Lightning callback takes the LightningModule's example_input_array), or give a 'params' budget")
+        own = [g["tensor_fqn"] for g in groups if g["sparsity_level"] != self.defaults["sparsity_level"]]
+        if own:
+            raise PruningConfigError(f"with a target the budget decides every layer's share: remove "
+                                     f"'sparsity_level' from the config entries for {own}")
+        self.cost = CostModel.of(plan, budget.metric)
+        kept = torch.ones(plan.groups.size, dtype=torch.bool)
+        sets = [(cs, torch.zeros(cs.classes.numel()).masked_fill(~cs.free, float("inf")))
+                for cs in (class_set(plan, members) for members in plan.coupled_members())]
+        floor = allocate(sets, self.cost, budget, kept, 0.0) / self.cost.dense
+        if floor > budget.ratio:
+            raise PruningConfigError(
+                f"budget {budget.metric}={budget.ratio} cannot be reached: removing every removable channel down to "
+                f"min_channels={budget.min_channels} (multiple_of={budget.multiple_of}) leaves {floor:.3f} of the "
+                f"dense {budget.metric}; raise the budget, lower the floors, or configure more layers")
 
     def num_to_prune(self, channels: int, sparsity_level: float) -> int:
         return int(channels * sparsity_level)
@@ -62,24 +129,29 @@ class ScoringPruner(BaseStructuredSparsifier):
     def update_masks(self) -> None:
         self._kept = self.plan.kept_classes()  # updated as each coupled set is decided
         try:
+            if self.budget is not None:
+                self.spend_budget()
+                return
             for coupled in self.coupled_sets():
                 level = max(group["sparsity_level"] for group, _ in coupled)
                 self.decide([member for _, member in coupled], level)
         finally:
             self._kept = None
 
+    def spend_budget(self) -> None:
+        """Mask classes across all coupled sets until the cost is ``1 - sparsity_level`` of dense (the budget,
+        ramped by a schedule); records the fraction reached in :attr:`budget_reached`."""
+        level = max((g["sparsity_level"] for g in self.groups), default=0.0)
+        sets = [(cs, self.class_scores(cs)) for cs in (self.class_set(m) for m in self.plan.coupled_members())]
+        kept = self._kept.clone()
+        reached = allocate(sets, self.cost, self.budget, kept, 1.0 - level)
+        for cs, _ in sets:
+            cs.write(kept[cs.classes])
+        self.budget_reached = reached / self.cost.dense
+
     def class_set(self, members: list[Member]) -> ClassSet:
         """The classes of ``members``' rows, which of them the masks keep, and which nothing blocks."""
-        plan = self.plan
-        row_classes = [plan.classes(m.labels) for m in members]
-        classes = torch.cat([c[c >= 0] for c in row_classes]).unique()
-        index = [torch.searchsorted(classes, c.clamp_min(0)) for c in row_classes]
-        masks = [getattr(m.module.parametrizations, m.tensor_name)[0].mask for m in members]
-        kept = torch.zeros(classes.numel(), dtype=torch.long)
-        for idx, mask in zip(index, masks, strict=True):
-            kept.scatter_reduce_(0, idx, mask.cpu().long(), "amax")
-        blocked = torch.tensor(sorted(plan.groups.blocked_classes()), dtype=torch.long)
-        return ClassSet(members, classes, index, masks, kept.bool(), ~torch.isin(classes, blocked))
+        return class_set(self.plan, members)
 
     def class_scores(self, cs: ClassSet) -> torch.Tensor:
         """One score per class of ``cs``: removed classes score -inf (they go first), blocked ones +inf."""

@@ -1,0 +1,243 @@
+"""Cost budgets: prune until the model's MACs or parameters are a given fraction of the dense model's.
+
+A :class:`Budget` replaces ``sparsity_level``: instead of every layer losing the same fraction of its channels, the
+pruner removes classes of channels (a channel, a head, a GroupNorm group, a residual-stream channel) until the cost
+fits. Costs come from :class:`~lightning_prune.fusion.cost.CostModel`, exact for the layers it counts.
+
+``allocation="global"`` (the default) ranks classes across all coupled sets. Each set's class scores are divided by
+their mean over its kept, removable classes, so a set's scores average 1 whatever the scale of its layers (the
+normalisation Torch-Pruning's global pruning also uses). A class then costs its normalised score per unit of cost it
+saves, and the cheapest go first (greedy knapsack), re-measuring the exact cost after each pass and finally putting
+back the most valuable removals that still fit. ``allocation="uniform"`` removes the same fraction of every set's
+classes, the smallest fraction that fits (found by bisection), then puts back what still fits as above.
+
+Minimum widths: every configured layer keeps at least ``min_channels`` channels (and always one), and with
+``multiple_of`` a width that is a multiple of it (or its full width). Classes removed earlier stay removed, so a budget
+ramped by a schedule only ever adds to the pruned set.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import numbers
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from lightning_prune.errors import PruningConfigError
+from lightning_prune.fusion.cost import CostModel
+
+if TYPE_CHECKING:
+    from lightning_prune.sparsifier.scoring import ClassSet
+
+ALLOCATIONS = ("global", "uniform")
+#: how far below the budget (a fraction of the dense cost) a removal may overshoot before smaller ones are tried
+TOLERANCE = 0.01
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A cost target, checked on construction.
+
+    Args:
+        macs: the pruned model's MACs as a fraction of the dense model's, in (0, 1] (needs example inputs).
+        params: the same for parameters. Give exactly one of ``macs`` and ``params``.
+        min_channels: the fewest channels a configured layer keeps, an int >= 1.
+        multiple_of: keep each layer's width a multiple of this (e.g. 8 for tensor cores), an int >= 1.
+        allocation: ``"global"`` or ``"uniform"`` (see the module docstring).
+
+    Raises:
+        PruningConfigError: neither or both of ``macs``/``params``, a fraction outside (0, 1], a bad width floor or
+            multiple, an unknown allocation.
+    """
+
+    macs: float | None = None
+    params: float | None = None
+    min_channels: int = 1
+    multiple_of: int = 1
+    allocation: str = "global"
+
+    def __post_init__(self) -> None:
+        given = {k: v for k, v in (("macs", self.macs), ("params", self.params)) if v is not None}
+        if len(given) != 1:
+            raise PruningConfigError(f"a budget needs exactly one of 'macs' or 'params' (e.g. target={{'macs': 0.5}} "
+                                     f"for half the dense MACs), got {sorted(given) or 'neither'}")
+        (metric, ratio), = given.items()
+        if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 0 < ratio <= 1:
+            raise PruningConfigError(f"budget {metric}={ratio!r} must be a fraction of the dense model's {metric} in "
+                                     "(0, 1], e.g. 0.5 for half")
+        for name in ("min_channels", "multiple_of"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise PruningConfigError(f"budget {name} must be an int >= 1, got {value!r}")
+        if self.allocation not in ALLOCATIONS:
+            raise PruningConfigError(f"budget allocation must be one of {list(ALLOCATIONS)}, got {self.allocation!r}")
+
+    @property
+    def metric(self) -> str:
+        return "macs" if self.macs is not None else "params"
+
+    @property
+    def ratio(self) -> float:
+        return float(self.macs if self.macs is not None else self.params)
+
+    @classmethod
+    def parse(cls, target: Any) -> Budget:
+        """A :class:`Budget` from itself or a mapping such as ``{"macs": 0.5, "multiple_of": 8}``.
+
+        Raises:
+            PruningConfigError: not a mapping, an unknown key (the error lists the valid ones), or a bad value.
+        """
+        if isinstance(target, Budget):
+            return target
+        if not isinstance(target, Mapping):
+            raise PruningConfigError(f"target must be a dict such as {{'macs': 0.5}} or a Budget, got {target!r}")
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(target) - set(known))
+        if unknown:
+            raise PruningConfigError(f"unknown budget key(s) {unknown}; a target takes {known}")
+        return cls(**dict(target))
+
+
+@dataclass
+class _Set:
+    """One coupled set as the allocator sees it: classes in removal order and the widths it may take."""
+
+    cs: ClassSet
+    scores: torch.Tensor  # normalised, one per class of cs
+    order: torch.Tensor  # positions in cs.classes of the removable kept classes, lowest score first
+    widths: list[int]  # allowed widths in classes, from the current one down
+
+
+def allocate(sets: list[tuple[ClassSet, torch.Tensor]], cost: CostModel, budget: Budget, kept: torch.Tensor,
+             ratio: float) -> float:
+    """Remove classes from ``kept`` (a bool per channel id, at class roots; changed in place) until the cost is at
+    most ``ratio`` of dense, and return the cost reached. ``sets`` pair each coupled set with its class scores
+    (removed classes -inf, blocked +inf). Returns more than the target only where the width floors forbid it."""
+    views = [_view(cs, scores, budget) for cs, scores in sets]
+    target = ratio * cost.dense
+    if budget.allocation == "uniform":
+        return _uniform(views, cost, kept, target)
+    return _global(views, cost, kept, target)
+
+
+def _view(cs: ClassSet, scores: torch.Tensor, budget: Budget) -> _Set:
+    movable = cs.kept & cs.free
+    base = scores[movable].abs().mean() if movable.any() else torch.tensor(1.0)
+    normalised = torch.where(movable, scores / base.clamp_min(torch.finfo(torch.float32).tiny), scores)
+    order = movable.nonzero().flatten()
+    order = order[normalised[order].argsort(stable=True)]
+    pairs = torch.unique(torch.stack([cs.members[0].labels, cs.index[0]]), dim=1)
+    per_class = int(torch.bincount(pairs[1]).max())  # channels per class (a head, a GroupNorm group)
+    total, current = cs.classes.numel(), int(cs.kept.sum())
+    lowest = max(current - order.numel(), math.ceil(max(1, budget.min_channels) / per_class))
+    widths = [w for w in range(current, -1, -1)
+              if w == current or (w >= lowest and (w * per_class) % budget.multiple_of == 0)]
+    return _Set(cs, normalised, order, widths if total else [])
+
+
+def _remove(view: _Set, kept: torch.Tensor, start: int, stop: int, value: bool = False) -> None:
+    kept[view.cs.classes[view.order[start:stop]]] = value
+
+
+def _global(views: list[_Set], cost: CostModel, kept: torch.Tensor, target: float) -> float:
+    total = cost.total(kept)
+    steps = [0] * len(views)  # how many of each view's widths were taken
+    touched: set[int] = set()
+    slack = TOLERANCE * cost.dense
+    while total > target:
+        savings = cost.savings(kept)
+        heap = [(_unit_ratio(v, steps[i], savings), i) for i, v in enumerate(views) if steps[i] + 1 < len(v.widths)]
+        heapq.heapify(heap)
+        need, gained, deferred = total - target, 0.0, []
+        while heap and gained < need:
+            ratio, i = heapq.heappop(heap)
+            saved = _unit_saving(views[i], steps[i], savings)
+            if saved > need - gained + slack:  # would overshoot: try the smaller removals first
+                deferred.append((saved, i))
+                continue
+            gained += saved
+            _take(views[i], steps, i, kept, touched)
+            if steps[i] + 1 < len(views[i].widths):
+                heapq.heappush(heap, (_unit_ratio(views[i], steps[i], savings), i))
+        if gained < need and deferred:  # only large removals are left: the one that overshoots least
+            saved, i = min(deferred)
+            gained += saved
+            _take(views[i], steps, i, kept, touched)
+        if not gained:
+            break  # nothing left to remove: the floors bind
+        total = cost.total(kept)
+    return _refill(views, cost, kept, target, total, steps, touched)
+
+
+def _take(view: _Set, steps: list[int], i: int, kept: torch.Tensor, touched: set[int]) -> None:
+    start, stop = view.widths[0] - view.widths[steps[i]], view.widths[0] - view.widths[steps[i] + 1]
+    _remove(view, kept, start, stop)
+    steps[i] += 1
+    touched.add(i)
+
+
+def _unit_saving(view: _Set, step: int, savings: torch.Tensor) -> float:
+    start, stop = view.widths[0] - view.widths[step], view.widths[0] - view.widths[step + 1]
+    return float(savings[view.cs.classes[view.order[start:stop]]].sum())
+
+
+def _unit_ratio(view: _Set, step: int, savings: torch.Tensor) -> float:
+    """Normalised score lost per unit of cost saved by the view's next removal."""
+    start, stop = view.widths[0] - view.widths[step], view.widths[0] - view.widths[step + 1]
+    saved = _unit_saving(view, step, savings)
+    return float(view.scores[view.order[start:stop]].sum()) / saved if saved > 0 else math.inf
+
+
+def _refill(views: list[_Set], cost: CostModel, kept: torch.Tensor, target: float, total: float,
+            steps: list[int], touched: set[int]) -> float:
+    """Put back each view's last removal while the cost still fits, the most valuable per unit of cost first."""
+    while True:
+        best = None
+        for i in touched:
+            view = views[i]
+            if steps[i] == 0:
+                continue
+            start, stop = view.widths[0] - view.widths[steps[i] - 1], view.widths[0] - view.widths[steps[i]]
+            _remove(view, kept, start, stop, True)
+            restored = cost.total(kept)
+            _remove(view, kept, start, stop)
+            if restored <= target:
+                value = float(view.scores[view.order[start:stop]].sum()) / max(restored - total, 1e-12)
+                if best is None or value > best[0]:
+                    best = (value, i, start, stop, restored)
+        if best is None:
+            return total
+        _, i, start, stop, total = best
+        _remove(views[i], kept, start, stop, True)
+        steps[i] -= 1
+
+
+def _uniform(views: list[_Set], cost: CostModel, kept: torch.Tensor, target: float) -> float:
+    """The smallest common fraction of each view's classes whose removal fits the target, then the refill."""
+    original = kept.clone()
+    steps = [0] * len(views)
+
+    def apply(fraction: float) -> float:
+        kept.copy_(original)
+        for i, view in enumerate(views):
+            wanted = view.cs.classes.numel() - int(view.cs.free.sum() * fraction)
+            width = max([w for w in view.widths if w <= wanted] or view.widths[-1:])
+            steps[i] = view.widths.index(width)
+            _remove(view, kept, 0, view.widths[0] - width)
+        return cost.total(kept)
+
+    low, high = 0.0, 1.0
+    if apply(high) > target:
+        return apply(high)
+    for _ in range(30):
+        middle = (low + high) / 2
+        if apply(middle) <= target:
+            high = middle
+        else:
+            low = middle
+    total = apply(high)
+    return _refill(views, cost, kept, target, total, steps, {i for i, step in enumerate(steps) if step})

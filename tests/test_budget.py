@@ -1,0 +1,138 @@
+"""Cost budgets: they land within 2% of the target, keep width floors, ramp monotonically, and refuse bad input."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_prune import (
+    Budget,
+    FPGMPruner,
+    LSTMSaliencyPruner,
+    PruningConfigError,
+    SaliencyPruner,
+    TaylorPruner,
+)
+from lightning_prune.app.models import DigitsCNN, DigitsResNet
+from lightning_prune.measure import count_macs, count_params
+
+IMAGES = torch.randn(2, 1, 8, 8)
+
+
+def _cost(model: nn.Module, metric: str) -> int:
+    return count_macs(model, IMAGES) if metric == "macs" else count_params(model)
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.25, 0.1])
+@pytest.mark.parametrize("allocation", ["global", "uniform"])
+@pytest.mark.parametrize("metric", ["macs", "params"])
+@pytest.mark.parametrize("model_class", [DigitsCNN, DigitsResNet])
+def test_a_budget_lands_within_two_percent_of_the_dense_cost(model_class, metric, allocation, ratio):
+    model = model_class()
+    dense = _cost(model, metric)
+    pruner = SaliencyPruner(target={metric: ratio, "allocation": allocation})
+    pruner.prepare(model, None, exclude_output=True, example_inputs=IMAGES)
+    pruner.step()
+    pruner.prune()
+    reached = _cost(model, metric) / dense
+    assert ratio - 0.02 <= reached <= ratio
+    assert reached == pytest.approx(pruner.budget_reached)  # the cost model is exact for these layers
+
+
+def test_global_ranking_differs_from_uniform_and_weighs_cost():
+    """Global allocation removes more of the layers whose channels cost most per unit of score."""
+    widths = {}
+    for allocation in ("global", "uniform"):
+        model = DigitsCNN()
+        pruner = SaliencyPruner(target={"macs": 0.25, "allocation": allocation})
+        pruner.prepare(model, None, exclude_output=True, example_inputs=IMAGES)
+        pruner.step()
+        pruner.prune()
+        widths[allocation] = [model.features[i].out_channels for i in (0, 3, 7)]
+    assert widths["global"] != widths["uniform"]
+    first, second, third = (w / d for w, d in zip(widths["uniform"], (16, 32, 64), strict=True))
+    assert max(first, second, third) - min(first, second, third) < 0.1  # uniform: the same fraction everywhere
+
+
+def test_width_floors_and_multiples_hold():
+    model = DigitsCNN()
+    pruner = SaliencyPruner(target={"macs": 0.1, "multiple_of": 8, "min_channels": 8})
+    pruner.prepare(model, None, exclude_output=True, example_inputs=IMAGES)
+    pruner.step()
+    pruner.prune()
+    widths = [model.features[i].out_channels for i in (0, 3, 7)]
+    assert all(w >= 8 and w % 8 == 0 for w in widths), widths
+    assert count_macs(model, IMAGES) <= 0.1 * count_macs(DigitsCNN(), IMAGES)
+
+
+def test_a_ramped_budget_only_adds_to_the_pruned_set():
+    model = DigitsResNet()
+    pruner = FPGMPruner(target={"macs": 0.25})
+    pruner.prepare(model, None, exclude_output=True, example_inputs=IMAGES)
+    masks = []
+    for level in (0.25, 0.5, 0.75):  # the cost removed: 1 - budget, as a schedule ramps it
+        for group in pruner.groups:
+            group["sparsity_level"] = level
+        pruner.step()
+        assert pruner.budget_reached == pytest.approx(1 - level, abs=0.02)
+        masks.append({fqn: s["mask"].clone() for fqn, s in pruner.state.items()})
+    for earlier, later in itertools.pairwise(masks):
+        for fqn in earlier:
+            assert not (later[fqn] & ~earlier[fqn]).any(), fqn
+
+
+def test_statistics_pruners_spend_a_budget():
+    model = DigitsCNN()
+    pruner = TaylorPruner(target={"params": 0.5})
+    pruner.prepare(model, None, exclude_output=True)  # a params budget needs no example inputs
+    model(IMAGES).sum().backward()
+    pruner.step()
+    assert 0.48 <= pruner.budget_reached <= 0.5
+
+
+def test_budget_takes_its_class_or_a_dict():
+    assert Budget.parse({"macs": 0.5, "multiple_of": 8}) == Budget(macs=0.5, multiple_of=8)
+    budget = Budget(params=0.3)
+    assert Budget.parse(budget) is budget and (budget.metric, budget.ratio) == ("params", 0.3)
+
+
+@pytest.mark.parametrize(("target", "match"), [
+    ({"macs": 0.0}, r"macs=0.0 must be a fraction .* in \(0, 1\]"),
+    ({"macs": 1.5}, r"in \(0, 1\]"),
+    ({"params": True}, r"in \(0, 1\]"),
+    ({"flops": 0.5}, r"unknown budget key\(s\) \['flops'\]; a target takes \['macs', 'params'"),
+    ({"macs": 0.5, "params": 0.5}, "exactly one of 'macs' or 'params'"),
+    ({"min_channels": 2}, "exactly one of 'macs' or 'params'.*neither"),
+    ({"macs": 0.5, "multiple_of": 0}, "multiple_of must be an int >= 1"),
+    ({"macs": 0.5, "min_channels": 1.5}, "min_channels must be an int >= 1"),
+    ({"macs": 0.5, "allocation": "local"}, r"allocation must be one of \['global', 'uniform'\]"),
+    (0.5, "target must be a dict such as"),
+])
+def test_bad_budgets_fail_at_construction_naming_the_fix(target, match):
+    with pytest.raises(PruningConfigError, match=match):
+        SaliencyPruner(target=target)
+
+
+def test_a_budget_and_a_sparsity_level_are_refused_together():
+    with pytest.raises(PruningConfigError, match="either sparsity_level .* or target"):
+        SaliencyPruner(sparsity_level=0.3, target={"macs": 0.5})
+    with pytest.raises(PruningConfigError, match="either sparsity_level"):
+        FPGMPruner(0.3, target={"macs": 0.5})
+    with pytest.raises(PruningConfigError, match="tie_gates=True"):
+        LSTMSaliencyPruner(target={"params": 0.5})
+
+
+def test_budget_problems_found_at_prepare_leave_the_model_untouched():
+    model = DigitsCNN()
+    with pytest.raises(PruningConfigError, match="counts MACs on example inputs: pass prepare"):
+        SaliencyPruner(target={"macs": 0.5}).prepare(model, None, exclude_output=True)
+    with pytest.raises(PruningConfigError, match="remove 'sparsity_level' from the config entries"):
+        SaliencyPruner(target={"params": 0.5}).prepare(
+            model, [{"tensor_fqn": "features.0.weight", "sparsity_level": 0.2}])
+    with pytest.raises(PruningConfigError, match=r"cannot be reached: .*min_channels=32 .* leaves 0\.\d+"):
+        SaliencyPruner(target={"macs": 0.1, "min_channels": 32}).prepare(
+            model, None, exclude_output=True, example_inputs=IMAGES)
+    assert not any(hasattr(m, "parametrizations") for m in model.modules())
