@@ -66,6 +66,7 @@ class PruningPlan:
     example_inputs: tuple[tuple, dict] | None = None
     #: the level sizes are shown at by :meth:`table` and :meth:`to_dict`
     sparsity_level: float = 0.5
+    _channel_groups: list[ChannelGroup] | None = field(default=None, init=False, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         """The plan as JSON-ready data: every channel group (producers, configured tensors, consumers, granularity,
@@ -93,6 +94,11 @@ class PruningPlan:
 
     def channel_groups(self) -> list[ChannelGroup]:
         """Producers joined by shared classes, with their members (configured tensors) and blockers."""
+        if self._channel_groups is None:
+            self._channel_groups = self._find_channel_groups()
+        return self._channel_groups
+
+    def _find_channel_groups(self) -> list[ChannelGroup]:
         producers = list(self.walk.producers.values())
         by_fqn = {m.tensor_fqn: m for m in self.members}
         parent = list(range(len(producers)))

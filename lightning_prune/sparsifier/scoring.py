@@ -51,17 +51,12 @@ class ScoringPruner(BaseStructuredSparsifier):
         The classes are those of the members' rows (a channel, or a head, or a GroupNorm group: whatever the
         analysis found must go together); classes that cannot be removed are never counted or chosen.
         """
-        plan = self.plan
-        row_classes = [plan.classes(m.labels) for m in members]
-        classes = torch.cat([c[c >= 0] for c in row_classes]).unique()
-        index = [torch.searchsorted(classes, c.clamp_min(0)) for c in row_classes]
+        classes, index, free = self._classes_of(members)
         masks = [getattr(m.module.parametrizations, m.tensor_name)[0].mask for m in members]
         kept_before = torch.zeros(classes.numel(), dtype=torch.long)
         for idx, mask in zip(index, masks, strict=True):
             kept_before.scatter_reduce_(0, idx, mask.cpu().long(), "amax")
         kept_before = kept_before.bool()
-        blocked = torch.tensor(sorted(plan.groups.blocked_classes()), dtype=torch.long)
-        free = ~torch.isin(classes, blocked)
         scores = self.channel_scores(members, index, kept_before, classes.numel())
         scores = scores.masked_fill(~kept_before, float("-inf")).masked_fill(~free, float("inf"))
         count = int(free.sum())
@@ -72,6 +67,19 @@ class ScoringPruner(BaseStructuredSparsifier):
             mask.copy_(keep[idx].to(mask.device))
         if getattr(self, "_kept", None) is not None:
             self._kept[classes] = keep | ~free
+
+    def _classes_of(self, members: list[Member]) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+        """The members' classes (sorted), each member's row -> class index, and which classes may go (cached: the
+        plan does not change between steps)."""
+        key = tuple(m.tensor_fqn for m in members)
+        cache = self.__dict__.setdefault("_class_cache", {})
+        if key not in cache or cache[key][0] is not self.plan:
+            row_classes = [self.plan.classes(m.labels) for m in members]
+            classes = torch.cat([c[c >= 0] for c in row_classes]).unique()
+            index = [torch.searchsorted(classes, c.clamp_min(0)) for c in row_classes]
+            blocked = torch.tensor(sorted(self.plan.groups.blocked_classes()), dtype=torch.long)
+            cache[key] = (self.plan, (classes, index, ~torch.isin(classes, blocked)))
+        return cache[key][1]
 
     def channel_scores(self, members: list[Member], index: list[torch.Tensor], kept: torch.Tensor,
                        count: int) -> torch.Tensor:
