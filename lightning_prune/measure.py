@@ -14,7 +14,8 @@ from torch import nn
 from torch.utils import benchmark
 from torch.utils.flop_counter import FlopCounterMode
 
-ExampleInput = torch.Tensor | tuple[torch.Tensor, ...]
+#: one input for ``forward``: a tensor, a tuple of positional arguments, or a dict of keyword arguments
+ExampleInput = torch.Tensor | tuple[torch.Tensor, ...] | dict[str, torch.Tensor]
 
 _WIDTH_OF = {
     nn.Linear: lambda m: (m.in_features, m.out_features),
@@ -45,7 +46,8 @@ def count_macs(model: nn.Module, example_input: ExampleInput) -> int:
         torch.backends.cudnn.flags(enabled=False),
         counter,
     ):
-        model(*_as_args(example_input))
+        args, kwargs = _as_call(example_input)
+        model(*args, **kwargs)
     return counter.get_total_flops() // 2
 
 
@@ -60,9 +62,10 @@ def latency_ms(
         raise ValueError(f"threads must be an integer >= 1, got {threads!r}")
     if not min_run_time > 0:
         raise ValueError(f"min_run_time must be a positive number of seconds, got {min_run_time!r}")
+    args, kwargs = _as_call(example_input)
     timer = benchmark.Timer(
-        stmt="model(*args)",
-        globals={"model": model, "args": _as_args(example_input)},
+        stmt="model(*args, **kwargs)",
+        globals={"model": model, "args": args, "kwargs": kwargs},
         num_threads=threads,
     )
     with _eval_mode(model), torch.no_grad():
@@ -85,8 +88,10 @@ def layer_widths(model: nn.Module) -> dict[str, tuple[int, int]]:
     return widths
 
 
-def _as_args(example_input: ExampleInput) -> tuple[torch.Tensor, ...]:
-    return example_input if isinstance(example_input, tuple) else (example_input,)
+def _as_call(example_input: ExampleInput) -> tuple[tuple, dict]:
+    if isinstance(example_input, dict):
+        return (), example_input
+    return (tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,)), {}
 
 
 @contextlib.contextmanager
