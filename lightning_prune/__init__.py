@@ -5,6 +5,8 @@ from lightning_prune.checkpoint import load_pruned, narrow_to_state_dict
 from lightning_prune.errors import PrunerStateError, PruningConfigError, UnsupportedPatternError
 from lightning_prune.fusion import ChannelwiseRule, ElementwiseRule, LayerRule, Rule, register_layer
 from lightning_prune.masks import FakeStructuredSparsity
+from lightning_prune.optim import carry_optimizer_state
+from lightning_prune.schedule import SparsityScheduler
 from lightning_prune.sparsifier import (
     BaseStructuredSparsifier,
     FPGMPruner,
@@ -26,8 +28,10 @@ __all__ = [
     "Rule",
     "SaliencyPruner",
     "ScoringPruner",
+    "SparsityScheduler",
     "UnsupportedPatternError",
     "StructuredPruning",
+    "carry_optimizer_state",
     "load_pruned",
     "narrow_to_state_dict",
     "register_layer",
