@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
 from lightning_prune import inputs
-from lightning_prune.checkpoint import masked_sparsity, reshape_for_load
+from lightning_prune.checkpoint import DetachingHook, masked_sparsity_of_file, reshape_for_load
 from lightning_prune.errors import PruningConfigError, UnsupportedPatternError
 from lightning_prune.measure import count_params
 from lightning_prune.optim import carry_optimizer_state
@@ -117,13 +117,27 @@ class StructuredPruning(Callback):
         if stage == "fit":
             _refuse_unsupported(trainer)
         if self._hook is None:  # so that any checkpoint loads into the module, masked or fused (see checkpoint.py)
-            self._hook = pl_module.register_load_state_dict_pre_hook(_LoadHook(self))
+            self._hook = pl_module.register_load_state_dict_pre_hook(DetachingHook(self._before_load))
         if stage != "fit" or self.fused or self.pruner.model is not None:
             return  # a second fit() continues with the same masks, or with the already narrowed model
         self._example = _example_input(trainer, pl_module)
         self._prepare(pl_module)
 
-    def _prepare(self, pl_module: pl.LightningModule) -> None:
+    def check(self, pl_module: pl.LightningModule, example_input: Any = None) -> list[str]:
+        """Check the tensor selection against ``pl_module`` as ``setup`` would, on copies (the module and this
+        callback stay as they are), and return the tensors it would prune. The Hydra app calls it before training.
+
+        Raises:
+            PruningConfigError, UnsupportedPatternError: what ``setup`` would raise.
+        """
+        probe = copy.copy(self)
+        probe.pruner, probe.scheduler = copy.deepcopy(self.pruner), copy.copy(self.scheduler)
+        probe.scheduler.sparsifier = probe.pruner
+        probe._example = pl_module.example_input_array if example_input is None else example_input
+        probe._prepare(copy.deepcopy(pl_module), announce=False)
+        return [g["tensor_fqn"] for g in probe.pruner.groups]
+
+    def _prepare(self, pl_module: pl.LightningModule, announce: bool = True) -> None:
         try:
             self.pruner.prepare(pl_module, self.config, include=self.include, exclude=self.exclude,
                                 exclude_output=not self.narrow_output, example_inputs=self._example)
@@ -141,8 +155,9 @@ class StructuredPruning(Callback):
         self._resolved_config = [{k: v for k, v in g.items() if k not in ("module", "module_fqn", "tensor_name")}
                                  for g in self.pruner.groups]
         self.scheduler.track()
-        rank_zero_info(f"StructuredPruning: masking {len(self.pruner.groups)} tensors "
-                       f"({', '.join(self.scheduler.targets) or 'none'})")
+        if announce:
+            rank_zero_info(f"StructuredPruning: masking {len(self.pruner.groups)} tensors "
+                           f"({', '.join(self.scheduler.targets) or 'none'})")
 
     def _fits_without_output_check(self, pl_module: pl.LightningModule) -> bool:
         """Whether the refused config would be accepted if it could narrow the output: then that is the reason."""
@@ -284,7 +299,7 @@ class StructuredPruning(Callback):
         rank_zero_info(fusion_summary(before, after))
 
     # -- checkpointing ------------------------------------------------------------------------------------------
-    def _before_load(self, module: torch.nn.Module, state_dict: dict, prefix: str) -> None:
+    def _before_load(self, module: torch.nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
         action = reshape_for_load(module, state_dict, prefix)
         if action in ("fused", "shrunk"):
             self.pruner.forget_model()
@@ -315,25 +330,6 @@ class StructuredPruning(Callback):
                         "last_step": state_dict.get("applied_step", -1), "end": state_dict.get("end_step")}
         self.scheduler.load_state_dict(schedule)
         self._restored = self.scheduler.start is not None
-
-
-class _LoadHook:
-    """The callback's ``load_state_dict`` pre-hook on the LightningModule. A copy or pickle of the module carries a
-    no-op in its place, never the callback (whose pruner holds an fx graph that cannot be pickled)."""
-
-    def __init__(self, callback: StructuredPruning):
-        self.callback = callback
-
-    def __call__(self, module: torch.nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
-        self.callback._before_load(module, state_dict, prefix)
-
-    def __reduce__(self):
-        return _DetachedLoadHook, ()
-
-
-class _DetachedLoadHook:
-    def __call__(self, *args: Any) -> None:
-        """A module copied while the callback was attached loads as a plain module."""
 
 
 def _refuse_unsupported(trainer: pl.Trainer) -> None:
@@ -384,11 +380,7 @@ def _warn_about_best_checkpoints(trainer: pl.Trainer, target: float) -> None:
         path = getattr(callback, "best_model_path", "")
         if not path or not getattr(callback, "monitor", None) or path == callback.last_model_path:
             continue
-        try:
-            saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["state_dict"]
-        except Exception:
-            continue
-        level = masked_sparsity(saved)
+        level = masked_sparsity_of_file(path)
         if level is not None and level < target - 1e-6:
             rank_zero_warn(
                 f"StructuredPruning: ModelCheckpoint's best checkpoint {path} was written at sparsity {level:.3f}, "

@@ -64,6 +64,15 @@ def masked_sparsity(state_dict: Mapping[str, torch.Tensor]) -> float | None:
     return sum(int((~mask.bool()).sum()) for mask in masks) / total if total else None
 
 
+def masked_sparsity_of_file(path: str | os.PathLike) -> float | None:
+    """:func:`masked_sparsity` of a checkpoint file's state dict; None when it holds no masks or cannot be read."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return None
+    return masked_sparsity(checkpoint.get("state_dict", checkpoint))
+
+
 def masked_config(state_dict: Mapping[str, torch.Tensor]) -> tuple[list[dict[str, Any]], set[str]]:
     """The pruner config that wrote a masked state dict: one entry per row mask, with ``prune_bias`` read from whether
     the layer's bias was masked too. Returns the config and the tensors whose ``prune_bias`` could not be told (a
@@ -314,3 +323,24 @@ def _name_as_masked(module: nn.Module, state_dict: MutableMapping[str, torch.Ten
                 state_dict[prefix + key] = state_dict.pop(dense_key)
         else:
             state_dict[prefix + key] = value
+
+
+class DetachingHook:
+    """A module hook that calls ``fn`` while attached; a copy or pickle of the module carries a no-op in its place.
+
+    ``StructuredPruning`` registers its load pre-hook through it, so a module deep-copied or pickled mid-fit never
+    drags the callback along (its pruner holds an fx graph that cannot be pickled)."""
+
+    def __init__(self, fn: Any):
+        self.fn = fn
+
+    def __call__(self, *args: Any) -> None:
+        self.fn(*args)
+
+    def __reduce__(self):
+        return _NoOpHook, ()
+
+
+class _NoOpHook:
+    def __call__(self, *args: Any) -> None:
+        """A module copied while a StructuredPruning callback was attached loads as a plain module."""

@@ -121,7 +121,7 @@ class Snapshot:
 
     params: int
     macs: int | None
-    shapes: dict[str, list[tuple[int, ...]]]
+    shapes: dict[str, list[tuple[str, tuple[int, ...]]]]
     widths: dict[str, tuple[int, int]]
     batch: int | None = None
     macs_error: str | None = None
@@ -135,9 +135,20 @@ def snapshot(model: torch.nn.Module, example: Any) -> Snapshot:
             macs = count_macs(model, example) // max(1, batch or 1)
         except Exception as exc:
             error = f"{type(exc).__name__}: {exc}"
-    shapes = {name: [tuple(t.shape) for t in (*m._parameters.values(), *m._buffers.values()) if t is not None]
-              for name, m in model.named_modules()}
-    return Snapshot(count_params(model), macs, shapes, layer_widths(model), batch, error)
+    return Snapshot(count_params(model), macs, module_shapes(model), layer_widths(model), batch, error)
+
+
+def module_shapes(model: torch.nn.Module) -> dict[str, list[tuple[str, tuple[int, ...]]]]:
+    """``{module fqn: [(tensor name, shape), ...]}`` from the state dict, masked tensors under their own names."""
+    shapes: dict[str, list[tuple[str, tuple[int, ...]]]] = {}
+    for key, value in model.state_dict().items():
+        head, marker, tail = key.partition(".parametrizations.")
+        if marker and not tail.endswith(".original"):
+            continue  # a mask buffer
+        key = f"{head}.{tail.removesuffix('.original')}" if marker else key
+        module, _, name = key.rpartition(".")
+        shapes.setdefault(module, []).append((name, tuple(value.shape)))
+    return {module: sorted(tensors) for module, tensors in shapes.items()}
 
 
 def fusion_summary(before: Snapshot, after: Snapshot) -> str:
@@ -147,7 +158,7 @@ def fusion_summary(before: Snapshot, after: Snapshot) -> str:
         if after.shapes.get(name) == shapes:
             continue
         old, new = (before.widths[name], after.widths.get(name)) if name in before.widths else \
-            (shapes, after.shapes.get(name))
+            (dict(shapes), dict(after.shapes.get(name, [])))
         lines.append(f"{name:<40} {str(old):>13} -> {str(new):<12}")
     lines.append(f"params {before.params:,} -> {after.params:,}")
     if before.macs is not None and after.macs is not None:

@@ -4,6 +4,7 @@ outputs of any shape, strategies refused up front, and nothing left on the modul
 from __future__ import annotations
 
 import io
+import logging
 import re
 import warnings
 
@@ -334,3 +335,40 @@ def test_the_module_pickles_after_fit_and_keeps_no_hook(tmp_path):
     restored = torch.load(buffer, weights_only=False)
     torch.testing.assert_close(outputs(restored, probe()), outputs(model, probe()), rtol=0, atol=0)
     assert count_params(restored) == count_params(model)
+
+
+class WithCustomScale(pl.LightningModule):
+    """A conv, then a per-channel Scale layer that fusion knows from a registered rule (not from layer_widths)."""
+
+    def __init__(self):
+        super().__init__()
+        from tests.test_architectures import Scale  # registers Scale's rule
+
+        self.conv, self.scale, self.head = nn.Conv2d(3, 8, 3, padding=1), Scale(8), nn.Linear(8, CLASSES)
+
+    def forward(self, x):
+        return self.head(F.adaptive_avg_pool2d(torch.relu(self.scale(self.conv(x))), 1).flatten(1))
+
+    def training_step(self, batch, batch_idx):
+        return F.cross_entropy(self(batch[0]), batch[1])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_the_fused_summary_lists_every_layer_whose_width_changed(tmp_path):
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    logger.addHandler(handler)
+    images = TensorDataset(torch.randn(16, 3, 6, 6), torch.randint(0, CLASSES, (16,)))
+    try:
+        trainer_for(tmp_path, [pruning()]).fit(WithCustomScale(), DataLoader(images, batch_size=8))
+    finally:
+        logger.removeHandler(handler)
+    summary = next(r.getMessage() for r in records if r.getMessage().startswith("StructuredPruning: fused"))
+    changed = {line.split()[0] for line in summary.splitlines()[2:] if "->" in line and not line.startswith(
+        ("params", "MACs"))}
+    assert changed == {"conv", "scale", "head"}, summary
+    assert "MACs per sample" in summary and "example batch of 8" in summary
