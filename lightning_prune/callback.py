@@ -148,6 +148,8 @@ class StructuredPruning(Callback):
                 raise PruningConfigError(f"{error} To narrow the output on purpose, pass "
                                          "StructuredPruning(..., narrow_output=True).") from error
             raise
+        if self.pruner.groups and not any(g["sparsity_level"] for g in self.pruner.groups):
+            rank_zero_warn("StructuredPruning: every target sparsity is 0, so nothing will be pruned")
         if not self.pruner.groups:
             check_patterns_match(self.include, pl_module)
             rank_zero_warn("StructuredPruning found no prunable layer (the selected ones all reach the output or meet "
@@ -189,19 +191,16 @@ class StructuredPruning(Callback):
         if self.scheduler.step(step):
             self._broadcast_masks(trainer)
             pl_module.log("pruning/sparsity", self.sparsity(), rank_zero_only=True)
-        if self.shrink_every_n_steps and step % self.shrink_every_n_steps == 0 and self._masks_prune_something():
+        if self.shrink_every_n_steps and step % self.shrink_every_n_steps == 0 and \
+                any(not bool(s["mask"].all()) for s in self.pruner.state.values()):  # something new to remove
             self._shrink(trainer, pl_module)
-
-    def _masks_prune_something(self) -> bool:
-        return any(not bool(s["mask"].all()) for s in self.pruner.state.values())
 
     def _shrink(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Fuse now; carry the optimizers' state over to the narrowed parameters; re-wrap DDP."""
         schedule_done = self.scheduler.done
         self.pruner.prune()
-        if schedule_done:
-            self.fused = True
-        else:
+        self.fused = schedule_done
+        if not schedule_done:
             self._prepare_again(pl_module)
         for optimizer in trainer.optimizers:
             carry_optimizer_state(optimizer, self.pruner.lineage, list(pl_module.parameters()))
@@ -269,7 +268,12 @@ class StructuredPruning(Callback):
             _warn_about_best_checkpoints(trainer, target)
 
     def fuse(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Remove the masked channels in place, check the result, and report what changed."""
+        """Remove the masked channels in place, check the result, and report what changed.
+
+        Raises:
+            RuntimeError: with ``verify``, the pruned model's outputs differ from the masked model's (beyond 1e-5
+                relative, unless fusion announced an approximation) or it fails where the masked model ran.
+        """
         precision = trainer.precision_plugin
         example = precision.convert_input(inputs.to_device(self._example, pl_module.device))
         sparsity, was_training = self.sparsity(), pl_module.training

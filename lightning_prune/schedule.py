@@ -215,6 +215,9 @@ class SparsityScheduler:
         """Set every group's level for optimizer step ``step``; call the sparsifier's ``step()`` if any changed.
 
         Returns whether the masks were updated. Calling it twice for the same step does nothing the second time.
+
+        Raises:
+            PrunerStateError: the bounds hold fractions and :meth:`resolve` was not called.
         """
         if step == self.last_step:
             return False

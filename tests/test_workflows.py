@@ -305,6 +305,15 @@ def test_include_patterns_that_match_no_weight_fail_at_setup(tmp_path):
     assert counter.batches == 0
 
 
+def test_a_zero_target_says_nothing_will_be_pruned(tmp_path):
+    model = TinyClassifier()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer_for(tmp_path, [pruning(sparsity=0.0)]).fit(model, loader())
+    assert any("every target sparsity is 0" in m for m in ours(caught))
+    assert model.net[0].out_features == HIDDEN
+
+
 # --- strategies ------------------------------------------------------------------------------------------------
 
 
