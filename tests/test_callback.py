@@ -143,14 +143,17 @@ def test_fit_shrinks_the_module_in_place(tmp_path):
     assert predictions[0].shape == (8, CLASSES)
 
 
-def test_verify_raises_when_fusion_changes_the_output(tmp_path):
-    class CorruptingPruner(SaliencyPruner):
-        def prune(self):
-            model = super().prune()
-            with torch.no_grad():
-                model.net[2].bias.add_(1.0)
-            return model
+class CorruptingPruner(SaliencyPruner):
+    """Fusion that changes one hidden unit's bias: what verify is there to catch."""
 
+    def prune(self):
+        model = super().prune()
+        with torch.no_grad():
+            model.net[2].bias.add_(1.0)
+        return model
+
+
+def test_verify_raises_when_fusion_changes_the_output(tmp_path):
     callback = StructuredPruning(CorruptingPruner(sparsity_level=0.5))
     with pytest.raises(RuntimeError, match="differs from the masked output"):
         trainer_for(tmp_path, [callback]).fit(TinyClassifier(), loader())

@@ -4,7 +4,6 @@ trainer.test(ckpt_path=...), and what is refused (loading never widens a pruned 
 from __future__ import annotations
 
 import copy
-import logging
 import warnings
 
 import lightning.pytorch as pl
@@ -17,7 +16,16 @@ from torch.nn.utils import parametrize
 import lightning_prune as lp
 from lightning_prune.checkpoint import dense_view, is_masked
 from lightning_prune.measure import count_params
-from tests.test_callback import TinyClassifier, assert_shrunk, loader, outputs, probe, pruning, trainer_for
+from tests.test_callback import (
+    TinyClassifier,
+    assert_shrunk,
+    loader,
+    outputs,
+    probe,
+    pruning,
+    trainer_for,
+)
+from tests.test_workflows import logged
 
 
 class ReloadableClassifier(TinyClassifier):
@@ -271,19 +279,11 @@ def test_a_best_checkpoint_below_the_target_is_warned_about_and_never_widens_the
 
 
 def test_checkpoints_load_with_weights_only_and_none_is_written_without_saying_what(tmp_path):
-    records = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    lightning_log = logging.getLogger("lightning.pytorch.trainer.connectors.checkpoint_connector")
-    lightning_log.addHandler(handler)
-    try:
-        model = TinyClassifier()
+    with logged("lightning.pytorch.trainer.connectors.checkpoint_connector") as records:
         every = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, save_last=True, every_n_epochs=1)
         trainer = trainer_for(tmp_path, [pruning(schedule="linear", end_step=6), every], max_epochs=2,
                               enable_checkpointing=True)
-        trainer.fit(model, loader())
-    finally:
-        lightning_log.removeHandler(handler)
+        trainer.fit(TinyClassifier(), loader())
     assert not [r for r in records if "weights_only" in r.getMessage()]
     for path in sorted((tmp_path / "ckpt").glob("*.ckpt")):
         checkpoint = torch.load(path, weights_only=True)

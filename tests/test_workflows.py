@@ -3,10 +3,12 @@ outputs of any shape, strategies refused up front, and nothing left on the modul
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import re
 import warnings
+from collections.abc import Iterator
 
 import lightning.pytorch as pl
 import pytest
@@ -20,13 +22,13 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_prune.callback import StructuredPruning
 from lightning_prune.errors import PruningConfigError
 from lightning_prune.measure import count_params
-from lightning_prune.sparsifier import SaliencyPruner
 from tests.test_callback import (
     BATCHES_PER_EPOCH,
     CLASSES,
     HIDDEN,
     IN,
     BatchCounter,
+    CorruptingPruner,
     SparsityRecorder,
     TinyClassifier,
     assert_shrunk,
@@ -36,6 +38,20 @@ from tests.test_callback import (
     pruning,
     trainer_for,
 )
+
+
+@contextlib.contextmanager
+def logged(logger_name: str) -> Iterator[list[logging.LogRecord]]:
+    """The records a logger emits inside the block (Lightning's loggers do not propagate to pytest's caplog)."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger(logger_name)
+    logger.addHandler(handler)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
 
 
 def ours(caught: list[warnings.WarningMessage]) -> list[str]:
@@ -212,16 +228,6 @@ class DictOutput(TinyClassifier):
         return F.cross_entropy(self(batch[0])["logits"], batch[1])
 
 
-class CorruptingPruner(SaliencyPruner):
-    """Fusion that changes one hidden unit's bias: what verify is there to catch."""
-
-    def prune(self):
-        model = super().prune()
-        with torch.no_grad():
-            model.net[2].bias.add_(1.0)
-        return model
-
-
 def test_verify_compares_every_tensor_of_a_dict_output(tmp_path):
     callback = StructuredPruning(CorruptingPruner(sparsity_level=0.5))
     with pytest.raises(RuntimeError, match=r"differs from the masked output .* at output\['(logits|aux)'\]"):
@@ -366,16 +372,9 @@ class WithCustomScale(pl.LightningModule):
 
 
 def test_the_fused_summary_lists_every_layer_whose_width_changed(tmp_path):
-    records = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
-    logger.addHandler(handler)
     images = TensorDataset(torch.randn(16, 3, 6, 6), torch.randint(0, CLASSES, (16,)))
-    try:
+    with logged("lightning.pytorch.utilities.rank_zero") as records:
         trainer_for(tmp_path, [pruning()]).fit(WithCustomScale(), DataLoader(images, batch_size=8))
-    finally:
-        logger.removeHandler(handler)
     summary = next(r.getMessage() for r in records if r.getMessage().startswith("StructuredPruning: fused"))
     changed = {line.split()[0] for line in summary.splitlines()[2:] if "->" in line and not line.startswith(
         ("params", "MACs"))}
