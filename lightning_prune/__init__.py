@@ -16,6 +16,8 @@ from lightning_prune.fusion import (
 )
 from lightning_prune.fusion.plan import PruningPlan
 from lightning_prune.masks import FakeStructuredSparsity
+from lightning_prune.optim import carry_optimizer_state
+from lightning_prune.schedule import SparsityScheduler
 from lightning_prune.sparsifier import (
     BaseStructuredSparsifier,
     FPGMPruner,
@@ -41,9 +43,11 @@ __all__ = [
     "RuleKind",
     "SaliencyPruner",
     "ScoringPruner",
+    "SparsityScheduler",
     "UnsupportedPatternError",
     "explain",
     "StructuredPruning",
+    "carry_optimizer_state",
     "load_pruned",
     "narrow_to_state_dict",
     "register_function",

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_prune.errors import PruningConfigError, UnsupportedPatternError
+from lightning_prune.errors import OutputReachedError, UnsupportedPatternError
 from lightning_prune.fusion.trace import trace
 from lightning_prune.fusion.walk import Producer, Walk, walk
 
@@ -203,7 +203,7 @@ def analyse(
 
     Raises:
         UnsupportedPatternError: an explicit tensor cannot be pruned exactly (every such tensor and reason listed).
-        PruningConfigError: with ``exclude_output``, an explicit tensor whose channels reach the model's output.
+        OutputReachedError: with ``exclude_output``, an explicit tensor whose channels reach the model's output.
     """
     state = walk(model, trace(model, example_inputs))
     producers = _by_fqn(state)
@@ -242,7 +242,7 @@ def analyse(
                 problems[fqn] = "its channels reach the model's output"
         if explicit and strict and any(r == "its channels reach the model's output" for r in problems.values()):
             reaching = [f for f, r in problems.items() if r == "its channels reach the model's output"]
-            raise PruningConfigError(
+            raise OutputReachedError(
                 f"config names {reaching}, whose channels reach the model's output: pruning them changes the output's "
                 "width (a classifier would lose classes). Leave them out of the config, or opt in to narrowing the "
                 "output explicitly.")
