@@ -24,6 +24,8 @@ from typing_extensions import override
 from lightning_prune import inputs
 from lightning_prune.checkpoint import DetachingHook, masked_sparsity_of_file, reshape_for_load
 from lightning_prune.errors import OutputReachedError, PruningConfigError
+from lightning_prune.fusion.plan import PruningPlan
+from lightning_prune.sparsifier.explain import explain
 from lightning_prune.measure import count_params
 from lightning_prune.optim import carry_optimizer_state
 from lightning_prune.schedule import SparsityScheduler
@@ -137,6 +139,14 @@ class StructuredPruning(Callback):
         probe._prepare(copy.deepcopy(pl_module), announce=False)
         return [g["tensor_fqn"] for g in probe.pruner.groups]
 
+    def explain(self, pl_module: pl.LightningModule, example_input: Any = None) -> PruningPlan:
+        """The pruning plan this callback would follow on ``pl_module`` (nothing is changed): channel groups, what
+        blocks them and where, params and MACs dense and at the target. ``print()`` it for a table."""
+        example = pl_module.example_input_array if example_input is None else example_input
+        return explain(pl_module, self.config, example_inputs=example, exclude_output=not self.narrow_output,
+                       include=self.include, exclude=self.exclude,
+                       sparsity_level=self.pruner.defaults["sparsity_level"], rules=self.pruner.rules)
+
     def _prepare(self, pl_module: pl.LightningModule, announce: bool = True) -> None:
         try:
             self.pruner.prepare(pl_module, self.config, include=self.include, exclude=self.exclude,
@@ -156,6 +166,8 @@ class StructuredPruning(Callback):
         if announce:
             rank_zero_info(f"StructuredPruning: masking {len(self.pruner.groups)} tensors "
                            f"({', '.join(self.scheduler.targets) or 'none'})")
+            self.pruner.plan.sparsity_level = self.pruner.defaults["sparsity_level"]
+            rank_zero_info(str(self.pruner.plan))
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -295,3 +295,13 @@ def test_the_installed_package_runs_the_app_from_any_directory(tmp_path):
     result = _cli("--cfg", "job", "pruner=fpgm", cwd=tmp_path, entry=("-m", "lightning_prune.app"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "lightning_prune.sparsifier.FPGMPruner" in result.stdout
+
+
+def test_explain_prints_the_plan_and_trains_nothing(composed_run, monkeypatch, capsys, tmp_path):
+    trained = []
+    monkeypatch.setattr(experiment, "_train_dense_baseline", lambda *args: trained.append(args) or (0.0, 0.0))
+    result = composed_run([*TINY, "+explain=true"])
+    printed = capsys.readouterr().out
+    assert "Pruning plan (fx, shapes from example inputs" in printed and "net.features.0.weight*" in printed
+    assert result["plan"]["left_out"] == {"net.classifier.weight": "its channels reach the model's output"}
+    assert trained == [] and not (tmp_path / "metrics.json").exists()

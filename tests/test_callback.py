@@ -390,3 +390,20 @@ def test_sync_batchnorm_is_refused_at_setup(tmp_path):
     trainer.strategy._layer_sync = object()  # what Trainer(sync_batchnorm=True) sets; it needs a GPU to construct
     with pytest.raises(PruningConfigError, match="sync_batchnorm"):
         trainer.fit(TinyClassifier(), loader())
+
+
+
+def test_setup_logs_the_plan_as_a_table(tmp_path, caplog):
+    with caplog.at_level("INFO", logger="lightning.pytorch"):
+        trainer_for(tmp_path, [pruning()], max_steps=1).fit(TinyClassifier(), loader())
+    logged = caplog.text
+    assert "Pruning plan (fx, shapes from example inputs" in logged
+    assert "net.0.weight*" in logged and "left out net.4.weight: its channels reach the model's output" in logged
+
+
+def test_explain_shows_the_callbacks_plan_without_touching_the_module():
+    module = TinyClassifier()
+    plan = pruning(0.25).explain(module, probe())
+    assert [g["configured"] for g in plan.to_dict()["groups"]][:2] == [["net.0.weight"], ["net.2.weight"]]
+    assert plan.to_dict()["sparsity_level"] == 0.25
+    assert not any(parametrize.is_parametrized(m) for m in module.modules())

@@ -43,6 +43,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     example_input = datamodule.example_input(cfg.measure.batch_size)
     callbacks = instantiate(cfg.callbacks)
     pruning = callbacks["pruning"]
+    if cfg.get("explain", False):  # +explain=true: print the plan and stop, nothing trained
+        plan = pruning.explain(instantiate(cfg.module), example_input[:1])
+        print(plan)
+        return {"val_acc": None, "plan": plan.to_dict()}
     pruning.check(instantiate(cfg.module), example_input[:2])
 
     dense_val_acc = dense_test_acc = None
