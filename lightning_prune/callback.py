@@ -25,12 +25,12 @@ from lightning_prune import inputs
 from lightning_prune.checkpoint import DetachingHook, masked_sparsity_of_file, reshape_for_load
 from lightning_prune.errors import OutputReachedError, PruningConfigError
 from lightning_prune.fusion.plan import PruningPlan
-from lightning_prune.sparsifier.explain import explain
 from lightning_prune.measure import count_params
 from lightning_prune.optim import carry_optimizer_state
 from lightning_prune.schedule import SparsityScheduler
 from lightning_prune.selection import check_patterns_match, checked_config, checked_patterns
 from lightning_prune.sparsifier import BaseStructuredSparsifier
+from lightning_prune.sparsifier.explain import explain
 from lightning_prune.verify import fusion_summary, snapshot, try_forward, verdict
 
 _SHARDED = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
