@@ -35,7 +35,7 @@ def count_macs(model: nn.Module, example_input: ExampleInput) -> int:
     mkldnn = torch.backends.mkldnn
     counter = FlopCounterMode(display=False)
     with (
-        _eval_mode(model),
+        eval_mode(model),
         torch.no_grad(),
         mkldnn.flags(enabled=False, deterministic=mkldnn.deterministic, allow_tf32=mkldnn.allow_tf32),
         torch.backends.cudnn.flags(enabled=False),
@@ -63,13 +63,13 @@ def latency_ms(
         globals={"model": model, "args": args, "kwargs": kwargs},
         num_threads=threads,
     )
-    with _eval_mode(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         measurement = timer.blocked_autorange(min_run_time=min_run_time)
     return measurement.median * 1e3
 
 
 @contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
+def eval_mode(model: nn.Module) -> Iterator[None]:
     """Measure in eval mode (Dropout off, BatchNorm statistics frozen), then restore every module's mode."""
     modes = {module: module.training for module in model.modules()}
     model.eval()

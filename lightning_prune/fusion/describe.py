@@ -137,7 +137,7 @@ def _macs(plan: PruningPlan, fraction: dict[int, float]) -> dict[str, int] | Non
     from torch.utils._pytree import tree_map
     from torch.utils.flop_counter import FlopCounterMode
 
-    from lightning_prune.fusion.trace import eval_mode
+    from lightning_prune.measure import eval_mode
 
     args, kwargs = plan.example_inputs
     mode = FakeTensorMode(allow_non_fake_inputs=True)
