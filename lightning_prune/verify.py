@@ -3,13 +3,14 @@ summary of what changed. Torch-only."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
-from lightning_prune import inputs
+from lightning_prune import inputs, measure
 from lightning_prune.fusion.rules import layer_widths
 from lightning_prune.measure import count_macs, count_params
 
@@ -70,19 +71,15 @@ def compare_outputs(expected: Any, actual: Any) -> Comparison:
 
 
 def try_forward(model: torch.nn.Module, example: Any, eval_mode: bool = False) -> tuple[Any, str | None]:
-    """``(output, None)``, or ``(None, "TypeError: ...")`` when forward fails on the example; no gradients."""
+    """``(output, None)``, or ``(None, "TypeError: ...")`` when forward fails on the example; no gradients. With
+    ``eval_mode`` every module runs in eval mode and gets its own mode back afterwards."""
     if example is None:
         return None, "no example input"
-    training = model.training
     try:
-        if eval_mode:
-            model.eval()
-        with torch.no_grad():
+        with measure.eval_mode(model) if eval_mode else contextlib.nullcontext(), torch.no_grad():
             return inputs.run_forward(model, example), None
     except Exception as error:
         return None, f"{type(error).__name__}: {error}"
-    finally:
-        model.train(training)
 
 
 def verdict(expected: Any, actual: Any, errors: tuple[str | None, str | None], *, verify: bool,
