@@ -3,7 +3,7 @@ channels on a cubic schedule while it trains, and shrink it when fit ends.
 
 Run: python examples/minimal.py   (about 30 s on 2 CPU cores)
 
-It prints test accuracy, parameters and MACs of the dense network and of the pruned one.
+It prints test accuracy, parameters and MACs per sample of the dense network and of the pruned one.
 """
 
 from functools import partial
@@ -24,7 +24,7 @@ def trainer(epochs: int, callbacks=()) -> pl.Trainer:
 def report(label: str, model: LitClassifier, data: DigitsDataModule, example: torch.Tensor) -> None:
     accuracy = trainer(1).test(model, datamodule=data, verbose=False)[0]["test_acc"]
     print(f"{label:>7}: test accuracy {accuracy:.4f}  params {count_params(model):>7,}  "
-          f"MACs {count_macs(model, example):>11,}")
+          f"MACs per sample {count_macs(model, example) // len(example):>9,}")
 
 
 def main() -> None:
@@ -38,8 +38,8 @@ def main() -> None:
     trainer(5).fit(model, datamodule=data)  # dense training
     report("dense", model, data, example)
 
-    # the ramp ends at step 60 of ~100, leaving the rest of the run to recover at the final width
-    pruning = StructuredPruning(SaliencyPruner(sparsity_level=0.5), schedule="cubic", end_step=60, every_n_steps=5)
+    # the ramp ends 60% into the run (a fraction of its optimizer steps), leaving the rest to recover at the final width
+    pruning = StructuredPruning(SaliencyPruner(sparsity_level=0.5), schedule="cubic", end_step=0.6, every_n_steps=5)
     trainer(5, [pruning]).fit(model, datamodule=data)  # prune while fine-tuning, then fuse in place
     report("pruned", model, data, example)
     print(model.net)

@@ -16,6 +16,8 @@ from lightning_prune.fusion import (
 )
 from lightning_prune.fusion.plan import PruningPlan
 from lightning_prune.masks import FakeStructuredSparsity
+from lightning_prune.optim import carry_optimizer_state
+from lightning_prune.schedule import SparsityScheduler
 from lightning_prune.sparsifier import (
     ActivationPruner,
     BaseStructuredSparsifier,
@@ -47,11 +49,13 @@ __all__ = [
     "RuleKind",
     "SaliencyPruner",
     "ScoringPruner",
+    "SparsityScheduler",
     "StatisticsPruner",
     "TaylorPruner",
     "UnsupportedPatternError",
     "explain",
     "StructuredPruning",
+    "carry_optimizer_state",
     "load_pruned",
     "narrow_to_state_dict",
     "register_function",

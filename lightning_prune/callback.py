@@ -1,24 +1,42 @@
-"""StructuredPruning: masks at setup, a pruning schedule during training, physical removal at the end of fit."""
+"""StructuredPruning: masks at setup, a pruning schedule during training, physical removal at the end of fit.
+
+A thin Lightning adapter. Its hooks hand off to torch-only parts: the :class:`SparsityScheduler` (how much to prune
+and when), :mod:`lightning_prune.optim` (optimizer state after a shrink), :mod:`lightning_prune.checkpoint`
+(everything about loading), :mod:`lightning_prune.inputs` (the example input) and :mod:`lightning_prune.verify`
+(masked vs pruned outputs). What stays here needs Lightning: strategies, DDP, logging and checkpoint files.
+"""
 
 from __future__ import annotations
 
-import re
-from collections import defaultdict
+import copy
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from torch.nn.parallel import DistributedDataParallel
+from typing_extensions import override
 
-from lightning_prune.checkpoint import dense_view, narrow_to_state_dict, strip_masks
-from lightning_prune.errors import PruningConfigError
-from lightning_prune.measure import count_macs, count_params, layer_widths
-from lightning_prune.schedule import SCHEDULES, sparsity_at, validate_schedule
+from lightning_prune import inputs
+from lightning_prune.checkpoint import DetachingHook, masked_sparsity_of_file, reshape_for_load
+from lightning_prune.errors import OutputReachedError, PruningConfigError
+from lightning_prune.fusion.plan import PruningPlan
+from lightning_prune.measure import count_params
+from lightning_prune.optim import carry_optimizer_state
+from lightning_prune.schedule import SparsityScheduler
+from lightning_prune.selection import check_patterns_match, checked_config, checked_patterns
 from lightning_prune.sparsifier import BaseStructuredSparsifier
+from lightning_prune.sparsifier.explain import explain
+from lightning_prune.verify import fusion_summary, snapshot, try_forward, verdict
 
-_SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy")
+_SHARDED = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
+_SUPPORTED = "Supported: single-device strategies and strategy='ddp' (also 'ddp_find_unused_parameters_true')."
+_EXAMPLE_HINT = ("Set `self.example_input_array` in your LightningModule's __init__ to one input for forward(): a "
+                 "tensor, a tuple of positional arguments or a dict of keyword arguments (Lightning's convention).")
 
 
 class StructuredPruning(Callback):
@@ -26,140 +44,163 @@ class StructuredPruning(Callback):
 
     Args:
         pruner: any :class:`BaseStructuredSparsifier`; its ``sparsity_level`` is the target the schedule reaches.
-        config: ``[{"tensor_fqn": ...}, ...]`` relative to the LightningModule, honoured exactly or refused at
-            ``setup``. ``None`` takes every supported layer except those whose channels reach the model output.
+        config: ``[{"tensor_fqn": "net.0.weight"}, ...]`` relative to the LightningModule, honoured exactly or refused
+            at ``setup``. ``None`` takes every supported layer, reasoning from ``forward()`` alone, except those whose
+            channels reach the model's output.
         schedule: ``"oneshot"`` (the target at ``start_step``), ``"linear"`` or ``"cubic"`` (Zhu & Gupta 2017).
-        start_step, end_step, every_n_steps: in optimizer steps; ``end_step=None`` is the end of training.
-        prune_on_fit_end: run the fusion pass when training ends (before the final ``last.ckpt`` is rewritten).
-        verify: compare the masked and the pruned model on a batch held from training; raise if they differ.
+        start_step, end_step: ints are optimizer steps; floats in [0, 1] are fractions of the run
+            (``trainer.estimated_stepping_batches``). ``end_step=None`` ends a ramp at 0.75 of the run, leaving the
+            last quarter to fine-tune at the final width.
+        every_n_steps: the ramp's level changes every this many optimizer steps.
+        prune_on_fit_end: run the fusion pass when training ends (then ModelCheckpoint's ``last.ckpt`` is rewritten).
+        verify: compare the masked and the pruned model on the example input, every tensor of the output; raise if
+            they differ.
         include, exclude: regexes over tensor FQNs that narrow ``config=None``.
         shrink_every_n_steps: also fuse during training, every this many optimizer steps (when something new is
             masked), so the rest of the run trains the smaller model. The optimizers keep their state for the kept
             channels, DDP is re-wrapped, and masks are re-attached while the schedule still has pruning to do.
+        narrow_output: allow configured tensors whose channels reach the model's output, which changes its width (a
+            classifier loses classes). Off by default: such a config is refused at ``setup``.
+
+    The example input (to check ``forward`` at setup, trace shapes, verify and count MACs) is the LightningModule's
+    ``example_input_array`` when set, otherwise the first training batch's worth of samples (see
+    :func:`lightning_prune.inputs.first_batch`; the run's randomness is left untouched).
+
+    Raises:
+        PruningConfigError: a bad argument (in ``__init__``), or at ``setup``: an unsupported strategy, a config that
+            names the output without ``narrow_output``, a forward that cannot run on the example input, include
+            patterns that match no weight.
+        UnsupportedPatternError: at ``setup``, a configured tensor whose channels cannot be removed exactly.
     """
 
     def __init__(
         self,
         pruner: BaseStructuredSparsifier,
-        config: list[dict[str, Any]] | None = None,
+        config: Sequence[Mapping[str, Any]] | None = None,
         schedule: str = "oneshot",
-        start_step: int = 0,
-        end_step: int | None = None,
+        start_step: int | float = 0,
+        end_step: int | float | None = None,
         every_n_steps: int = 1,
         prune_on_fit_end: bool = True,
         verify: bool = True,
-        include: list[str] | None = None,
-        exclude: list[str] | None = None,
+        include: Sequence[str] | None = None,
+        exclude: Sequence[str] | None = None,
         shrink_every_n_steps: int | None = None,
+        narrow_output: bool = False,
     ):
         if not isinstance(pruner, BaseStructuredSparsifier):
             raise PruningConfigError(
                 f"pruner must be a BaseStructuredSparsifier (e.g. SaliencyPruner(sparsity_level=0.5)), got {pruner!r}"
             )
-        if schedule not in SCHEDULES:
-            raise PruningConfigError(f"unknown schedule {schedule!r}; choose one of {sorted(SCHEDULES)}")
-        validate_schedule(schedule, pruner.defaults["sparsity_level"], start_step, end_step, every_n_steps)
+        self.scheduler = SparsityScheduler(pruner, schedule, start_step, end_step, every_n_steps)
         if shrink_every_n_steps is not None and (isinstance(shrink_every_n_steps, bool) or
                                                  not isinstance(shrink_every_n_steps, int) or shrink_every_n_steps < 1):
             raise PruningConfigError(f"shrink_every_n_steps must be None or an int >= 1, got {shrink_every_n_steps!r}")
         if config is not None and (include is not None or exclude is not None):
             raise PruningConfigError("give either config (explicit tensors) or include/exclude patterns, not both")
-        for pattern in (include or []) + (exclude or []):
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise PruningConfigError(f"include/exclude pattern {pattern!r} is not a valid regex: {exc}") from None
         self.pruner = pruner
-        self.config = None if config is None else [dict(entry) for entry in config]
-        self.schedule = schedule
-        self.start_step, self.end_step, self.every_n_steps = start_step, end_step, every_n_steps
-        self.prune_on_fit_end, self.verify = prune_on_fit_end, verify
-        self.include, self.exclude = include, exclude
+        self.config = checked_config(config)
+        self.include, self.exclude = checked_patterns("include", include), checked_patterns("exclude", exclude)
+        self.prune_on_fit_end, self.verify, self.narrow_output = prune_on_fit_end, verify, bool(narrow_output)
         self.shrink_every_n_steps = shrink_every_n_steps
         self.fused = False
-        self.applied_step = -1
-        self._targets: dict[str, float] = {}
-        self._widths: dict[str, int] = {}  # channels of each configured tensor before any pruning
         self._resolved_config: list[dict[str, Any]] = []  # the tensors chosen at setup, to mask again after a shrink
-        self._resolved_end: int | None = end_step
-        self._held_input: Any = None
+        self._example: Any = None
         self._hook = None
+        self._stage: str | None = None
+        self._restored = False  # the schedule's position came from a checkpoint in this fit
+        self._final_step: int | None = None
+        self._fused_sparsity = 0.0
 
     # -- setup --------------------------------------------------------------------------------------------------
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
-        strategy = trainer.strategy
-        if type(strategy).__name__ in _SHARDED_STRATEGIES:
-            raise PruningConfigError(
-                f"StructuredPruning does not support {type(strategy).__name__}: it shards parameters, so masks and "
-                "fusion cannot see whole weights. Supported: single-device and DDP strategies (ddp, ddp_spawn, "
-                "ddp_find_unused_parameters_true)."
-            )
-        if getattr(strategy, "_layer_sync", None) is not None:
-            raise PruningConfigError(
-                "StructuredPruning does not support Trainer(sync_batchnorm=True): Lightning swaps the BatchNorm "
-                "layers after setup, dropping their masks. Use sync_batchnorm=False (the default)."
-            )
-        if self._hook is None:
-            self._hook = pl_module.register_load_state_dict_pre_hook(self._before_load)
-        if self.fused or self.pruner.model is not None:
+        self._stage = stage
+        if stage == "fit":
+            _refuse_unsupported(trainer)
+        if self._hook is None:  # so that any checkpoint loads into the module, masked or fused (see checkpoint.py)
+            self._hook = pl_module.register_load_state_dict_pre_hook(DetachingHook(self._before_load))
+        if stage != "fit" or self.fused or self.pruner.model is not None:
             return  # a second fit() continues with the same masks, or with the already narrowed model
-        self.pruner.prepare(pl_module, self.config, include=self.include, exclude=self.exclude,
-                            exclude_output=self.config is None)
+        self._example = _example_input(trainer, pl_module)
+        self._prepare(pl_module)
+
+    def check(self, pl_module: pl.LightningModule, example_input: Any = None) -> list[str]:
+        """Check the tensor selection against ``pl_module`` as ``setup`` would, on copies (the module and this
+        callback stay as they are), and return the tensors it would prune. The Hydra app calls it before training.
+
+        Raises:
+            PruningConfigError, UnsupportedPatternError: what ``setup`` would raise.
+        """
+        probe = copy.copy(self)
+        probe.pruner, probe.scheduler = copy.deepcopy(self.pruner), copy.copy(self.scheduler)
+        probe.scheduler.sparsifier = probe.pruner
+        probe._example = pl_module.example_input_array if example_input is None else example_input
+        probe._prepare(copy.deepcopy(pl_module), announce=False)
+        return [g["tensor_fqn"] for g in probe.pruner.groups]
+
+    def explain(self, pl_module: pl.LightningModule, example_input: Any = None) -> PruningPlan:
+        """The pruning plan this callback would follow on ``pl_module`` (nothing is changed): channel groups, what
+        blocks them and where, params and MACs dense and at the target. ``print()`` it for a table."""
+        example = pl_module.example_input_array if example_input is None else example_input
+        return explain(pl_module, self.config, example_inputs=example, exclude_output=not self.narrow_output,
+                       include=self.include, exclude=self.exclude,
+                       sparsity_level=self.pruner.defaults["sparsity_level"], rules=self.pruner.rules)
+
+    def _prepare(self, pl_module: pl.LightningModule, announce: bool = True) -> None:
+        try:
+            self.pruner.prepare(pl_module, self.config, include=self.include, exclude=self.exclude,
+                                exclude_output=not self.narrow_output, example_inputs=self._example)
+        except OutputReachedError as error:
+            raise OutputReachedError(f"{error} To narrow the output on purpose, pass "
+                                     "StructuredPruning(..., narrow_output=True).") from error
+        if self.pruner.groups and not any(g["sparsity_level"] for g in self.pruner.groups):
+            rank_zero_warn("StructuredPruning: every target sparsity is 0, so nothing will be pruned")
         if not self.pruner.groups:
-            rank_zero_warn("StructuredPruning found no prunable layer; training continues dense")
-        self._targets = {g["tensor_fqn"]: g["sparsity_level"] for g in self.pruner.groups}
-        self._widths = {g["tensor_fqn"]: _channels(g) for g in self.pruner.groups}
+            check_patterns_match(self.include, pl_module)
+            rank_zero_warn("StructuredPruning found no prunable layer (the selected ones all reach the output or meet "
+                           "an op fusion cannot narrow); training continues dense and nothing will be pruned")
         self._resolved_config = [{k: v for k, v in g.items() if k not in ("module", "module_fqn", "tensor_name")}
                                  for g in self.pruner.groups]
-        for group in self.pruner.groups:
-            group["sparsity_level"] = 0.0  # nothing is pruned until the schedule says so
-        rank_zero_info(f"StructuredPruning: masking {len(self.pruner.groups)} tensors "
-                       f"({', '.join(self._targets) or 'none'})")
+        self.scheduler.track()
+        if announce:
+            rank_zero_info(f"StructuredPruning: masking {len(self.pruner.groups)} tensors "
+                           f"({', '.join(self.scheduler.targets) or 'none'})")
+            self.pruner.plan.sparsity_level = self.pruner.defaults["sparsity_level"]
+            rank_zero_info(str(self.pruner.plan))
 
-    def _before_load(self, module, state_dict, prefix, *args) -> None:
-        """Shape the model like a checkpoint written after fusion (or after a mid-fit shrink) before it loads."""
-        dense = dense_view(state_dict)
-        masked_checkpoint = len(dense) != len(state_dict)
-        if not _shapes_differ(module, dense, prefix):
-            if not masked_checkpoint:  # dense weights (say, pretrained) for a model that is about to be pruned
-                _name_as_masked(module, state_dict, prefix)
-            return  # the usual resume: same masks, same widths
-        strip_masks(module)
-        narrow_to_state_dict(module, dense, prefix)
-        self.pruner.forget_model()
-        if masked_checkpoint:  # shrunk mid-fit with the schedule still running: masks go back on the narrow layers
-            self._prepare_again(module)
-        else:
-            self.fused = True
-
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.end_step is None and self.schedule != "oneshot":
-            self._resolved_end = max(int(trainer.estimated_stepping_batches), self.start_step + 1)
+        if self.fused or not self.pruner.groups:
+            return
+        total = trainer.estimated_stepping_batches
+        if not self._restored or self.scheduler.start is None:
+            self.scheduler.resolve(total)
+        self._restored = False
+        problem = self.scheduler.fit_problem(total)
+        if problem:
+            rank_zero_warn(f"StructuredPruning: {problem}. Give start_step/end_step as fractions of the run (e.g. "
+                           "end_step=0.75) or make the run longer.")
 
     # -- the schedule -------------------------------------------------------------------------------------------
+    @override
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self._held_input is None:
-            self._held_input = _model_input(batch)
         step = trainer.global_step
-        if self.fused or not self.pruner.groups or step == self.applied_step:
+        if self.fused or not self.pruner.groups or step == self.scheduler.last_step:
             return
-        self.applied_step = step
-        if self._apply(trainer, step):
+        if self.scheduler.step(step):
+            self._broadcast_masks(trainer)
             pl_module.log("pruning/sparsity", self.sparsity(), rank_zero_only=True)
-        if self.shrink_every_n_steps and step % self.shrink_every_n_steps == 0 and self._masks_prune_something():
-            self._shrink(trainer, pl_module, schedule_done=self._levels(None) == self._levels(step))
+        if self.shrink_every_n_steps and step % self.shrink_every_n_steps == 0 and \
+                any(not bool(s["mask"].all()) for s in self.pruner.state.values()):  # something new to remove
+            self._shrink(trainer, pl_module)
 
-    def _masks_prune_something(self) -> bool:
-        return any(not bool(s["mask"].all()) for s in self.pruner.state.values())
-
-    def _shrink(self, trainer: pl.Trainer, pl_module: pl.LightningModule, schedule_done: bool) -> None:
+    def _shrink(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Fuse now; carry the optimizers' state over to the narrowed parameters; re-wrap DDP."""
+        schedule_done = self.scheduler.done
         self.pruner.prune()
-        if schedule_done:
-            self.fused = True
-        else:
+        self.fused = schedule_done
+        if not schedule_done:
             self._prepare_again(pl_module)
         for optimizer in trainer.optimizers:
             carry_optimizer_state(optimizer, self.pruner.lineage, list(pl_module.parameters()))
@@ -171,33 +212,11 @@ class StructuredPruning(Callback):
 
     def _prepare_again(self, pl_module: pl.LightningModule) -> None:
         """Masks back on the narrowed layers, each group continuing toward its target (relative to its old width)."""
-        self.pruner.prepare(pl_module, self._resolved_config)
-        for group in self.pruner.groups:
-            group["sparsity_level"] = 0.0
-
-    def _levels(self, step: int | None) -> dict[str, float]:
-        """Each group's level at ``step`` (None: the final target), relative to the layer's width now."""
-        levels = {}
-        for group in self.pruner.groups:
-            fqn = group["tensor_fqn"]
-            target = self._targets[fqn]
-            level = target if step is None else sparsity_at(
-                self.schedule, step, target, self.start_step, self._resolved_end, self.every_n_steps)
-            levels[fqn] = _relative_level(level, self._widths[fqn], _channels(group))
-        return levels
-
-    def _apply(self, trainer: pl.Trainer, step: int | None) -> bool:
-        """Set the groups' levels for ``step``; step the pruner and share rank 0's masks if any level changed."""
-        levels = self._levels(step)
-        if all(g["sparsity_level"] == levels[g["tensor_fqn"]] for g in self.pruner.groups):
-            return False
-        for group in self.pruner.groups:
-            group["sparsity_level"] = levels[group["tensor_fqn"]]
-        self.pruner.step()
-        self._broadcast_masks(trainer)
-        return True
+        self.pruner.prepare(pl_module, self._resolved_config, example_inputs=self._example)
+        self.scheduler.rebase()
 
     def _broadcast_masks(self, trainer: pl.Trainer) -> None:
+        """Rank 0's masks on every rank, so randomised or tie-breaking pruners agree."""
         if trainer.world_size <= 1:
             return
         masks = {fqn: state["mask"].cpu() for fqn, state in self.pruner.state.items()}
@@ -208,173 +227,174 @@ class StructuredPruning(Callback):
                 target.copy_(mask.to(target.device))
 
     def sparsity(self) -> float:
-        """Fraction of the configured channels that are masked now."""
-        total = sum(s["mask"].numel() for s in self.pruner.state.values())
-        pruned = sum(int((~s["mask"]).sum()) for s in self.pruner.state.values())
-        return pruned / total if total else 0.0
+        """Fraction of the configured tensors' original channels pruned so far (masked, or removed by a shrink)."""
+        if self.fused or self.pruner.model is None:
+            return self._fused_sparsity
+        return self.scheduler.sparsity()
+
+    def summary(self) -> dict[str, Any]:
+        """What pruning did in the last fit, in plain types (the Hydra app writes it to metrics.json)."""
+        last, final = self.scheduler.last_change, self._final_step
+        return {
+            "pruned_tensors": len(self.scheduler.targets),
+            "schedule": self.scheduler.describe() if self.scheduler.start is not None else None,
+            "schedule_completed": self.scheduler.completed_at is not None,
+            "last_pruning_step": last,
+            "steps_after_last_pruning": None if last is None or final is None else final - last,
+        }
 
     # -- fusion -------------------------------------------------------------------------------------------------
+    @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._final_step = trainer.global_step
         if self.fused or not self.prune_on_fit_end or not self.pruner.groups:
             return
-        self._apply(trainer, None)  # whatever stopped training early, the target is reached before fusion
+        before = self.sparsity()
+        if self.scheduler.finish():  # whatever stopped training early, the target is reached before fusion
+            self._broadcast_masks(trainer)
+            rank_zero_warn(
+                f"StructuredPruning: training stopped at step {trainer.global_step}, before the "
+                f"{self.scheduler.describe()} finished: the rest of the target was applied at once, from sparsity "
+                f"{before:.3f} to {self.sparsity():.3f}, with 0 steps of fine-tuning after it. Give "
+                "start_step/end_step as fractions of the run (e.g. end_step=0.75) so the schedule fits however long "
+                "the run is."
+            )
+        target = self.sparsity()
         self.fuse(trainer, pl_module)
         for callback in trainer.checkpoint_callbacks:
             if isinstance(callback, ModelCheckpoint) and callback.last_model_path:
-                trainer.save_checkpoint(callback.last_model_path)
+                trainer.save_checkpoint(callback.last_model_path, weights_only=callback.save_weights_only)
+        if trainer.is_global_zero:
+            _warn_about_best_checkpoints(trainer, target)
 
     def fuse(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Remove the masked channels in place, check the result, and report what changed."""
-        example = _to_device(self._held_input, pl_module.device)
-        widths_before = layer_widths(pl_module)
-        sparsity = self.sparsity()
-        was_training = pl_module.training
-        pl_module.eval()
-        with torch.no_grad():
-            expected = pl_module(example) if example is not None else None
-            before = _measure(pl_module, example)
-            self.pruner.prune()
-            for optimizer in trainer.optimizers:  # so checkpoints written from now on resume on the narrow model
-                carry_optimizer_state(optimizer, self.pruner.lineage, list(pl_module.parameters()))
-            actual = pl_module(example) if example is not None else None
-            after = _measure(pl_module, example)
-        pl_module.train(was_training)
-        self.fused = True
-        if self.verify:
-            self._verify(expected, actual, self.pruner.notes)
-        widths_after = layer_widths(pl_module)
-        metrics = {"pruning/sparsity": sparsity, "pruning/params_before": before[0], "pruning/params": after[0]}
-        if before[1] is not None:
-            metrics.update({"pruning/macs_before": before[1], "pruning/macs": after[1]})
-        _log_metrics(trainer, metrics)
-        rank_zero_info(_summary(widths_before, widths_after, before, after))
+        """Remove the masked channels in place, check the result, and report what changed.
 
-    def _verify(self, expected, actual, notes: list[str]) -> None:
-        if expected is None:
-            rank_zero_warn("StructuredPruning(verify=True) held no tensor batch to compare; skipped the check")
-            return
-        if not isinstance(expected, torch.Tensor) or expected.shape != actual.shape:
-            rank_zero_warn("the pruned model's output has another shape than the masked one (an output layer was "
-                           "configured); verification skipped")
-            return
-        diff = (expected.float() - actual.float()).abs().max().item()
-        bound = 1e-5 * max(1.0, expected.float().abs().max().item())
-        if diff > bound:
-            message = f"pruned output differs from the masked output by {diff:.3g} (bound {bound:.3g})"
-            if notes:
-                rank_zero_warn(message + " (expected: fusion was approximate)")
-            else:
-                raise RuntimeError(message + "; please report this model structure as a lightning_prune bug")
+        Raises:
+            RuntimeError: with ``verify``, the pruned model's outputs differ from the masked model's (beyond 1e-5
+                relative, unless fusion announced an approximation) or it fails where the masked model ran.
+        """
+        precision = trainer.precision_plugin
+        example = precision.convert_input(inputs.to_device(self._example, pl_module.device))
+        sparsity, was_training = self.sparsity(), pl_module.training
+        pl_module.eval()
+        with precision.forward_context():
+            expected, expected_error = try_forward(pl_module, example)
+            before = snapshot(pl_module, example)
+        with torch.no_grad():
+            self.pruner.prune()
+        for optimizer in trainer.optimizers:  # so checkpoints written from now on resume on the narrow model
+            carry_optimizer_state(optimizer, self.pruner.lineage, list(pl_module.parameters()))
+        with precision.forward_context():
+            actual, actual_error = try_forward(pl_module, example)
+            after = snapshot(pl_module, example)
+        pl_module.train(was_training)
+        self.fused, self._fused_sparsity = True, sparsity
+        problem = verdict(expected, actual, (expected_error, actual_error), verify=self.verify,
+                          output_may_change=self.narrow_output, approximate=bool(self.pruner.notes))
+        if problem and problem[0] == "error":
+            raise RuntimeError(f"StructuredPruning(verify=True): {problem[1]}")
+        if problem:
+            rank_zero_warn(f"StructuredPruning: {problem[1]}")
+        metrics = {"pruning/sparsity": sparsity, "pruning/params_before": before.params, "pruning/params": after.params}
+        if before.macs is not None and after.macs is not None:
+            metrics.update({"pruning/macs_before": before.macs, "pruning/macs": after.macs})
+        _log_metrics(trainer, metrics)
+        rank_zero_info(fusion_summary(before, after))
 
     # -- checkpointing ------------------------------------------------------------------------------------------
+    def _before_load(self, module: torch.nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+        action = reshape_for_load(module, state_dict, prefix)
+        if action in ("fused", "shrunk"):
+            self.pruner.forget_model()
+            if action == "fused":
+                self.fused = True
+            else:  # shrunk mid-fit with the schedule still running: masks go back on the narrow layers
+                self.pruner.prepare(module, self._resolved_config, example_inputs=self._example)
+                self.scheduler.rebase()
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._hook is not None:  # nothing of the callback stays on the module: it pickles
+            self._hook.remove()
+            self._hook = None
+
+    @override
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "applied_step": self.applied_step,
-            "fused": self.fused,
-            "targets": dict(self._targets),
-            "levels": {g["tensor_fqn"]: g["sparsity_level"] for g in self.pruner.groups},
-            "end_step": self._resolved_end,
-        }
+        return {"fused": self.fused, "schedule": self.scheduler.state_dict()}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.applied_step = state_dict["applied_step"]
-        self.fused = self.fused or state_dict["fused"]
-        self._targets = state_dict["targets"] or self._targets
-        self._resolved_end = state_dict["end_step"]
-        for group in self.pruner.groups:
-            group["sparsity_level"] = state_dict["levels"].get(group["tensor_fqn"], group["sparsity_level"])
+        if self._stage not in (None, "fit"):
+            return  # testing or predicting from a checkpoint restores its weights, not the pruning run
+        self.fused = self.fused or bool(state_dict.get("fused", False))
+        schedule = state_dict.get("schedule")
+        if schedule is None:  # written by lightning_prune 0.1
+            schedule = {"targets": state_dict.get("targets"), "levels": state_dict.get("levels", {}),
+                        "last_step": state_dict.get("applied_step", -1), "end": state_dict.get("end_step")}
+        self.scheduler.load_state_dict(schedule)
+        self._restored = self.scheduler.start is not None
 
 
-def _channels(group: dict[str, Any]) -> int:
-    """Channels of a configured tensor now (an LSTM weight has 4 gate rows per hidden unit)."""
-    rows = getattr(group["module"].parametrizations, group["tensor_name"])[0].mask.numel()
-    return rows // 4 if isinstance(group["module"], torch.nn.LSTM) else rows
+def _refuse_unsupported(trainer: pl.Trainer) -> None:
+    strategy = trainer.strategy
+    if isinstance(strategy, _SHARDED):
+        raise PruningConfigError(
+            f"StructuredPruning does not support {type(strategy).__name__}: it shards parameters, so masks and "
+            f"fusion cannot see whole weights. {_SUPPORTED}"
+        )
+    if isinstance(strategy.launcher, _MultiProcessingLauncher):
+        raise PruningConfigError(
+            f"StructuredPruning does not support {type(strategy).__name__} with processes started by "
+            "torch.multiprocessing (strategy='ddp_spawn', 'ddp_fork', 'ddp_notebook'): after fit Lightning copies "
+            "the workers' weights into the main process's module with a load that cannot change layer widths, so the "
+            f"pruned model cannot come back. {_SUPPORTED} In a notebook, train on one device or run a script."
+        )
+    if getattr(strategy, "_layer_sync", None) is not None:
+        raise PruningConfigError(
+            "StructuredPruning does not support Trainer(sync_batchnorm=True): Lightning swaps the BatchNorm "
+            "layers after setup, dropping their masks. Use sync_batchnorm=False (the default)."
+        )
 
 
-def _relative_level(level: float, original: int, current: int) -> float:
-    """The level that prunes a layer now ``current`` wide to ``level`` of its ``original`` width.
-
-    Pruners count ``int(n * level)`` (or round) channels; aiming a quarter channel above the whole count makes either
-    rounding land on it.
-    """
-    if current == original or level == 0:
-        return level
-    remaining = int(original * level) - (original - current)
-    return (remaining + 0.25) / current if remaining > 0 else 0.0
-
-
-def carry_optimizer_state(optimizer: torch.optim.Optimizer, lineage: list, model_order: list[torch.Tensor]) -> None:
-    """Point ``optimizer`` at the narrowed parameters, slicing each one's state (momentum, Adam moments) to match.
-
-    Each group's parameters are put in the model's order, as a freshly built optimizer over the narrowed model
-    would list them, so a checkpoint written now resumes into one.
-    """
-    replaced = {old_id: (new, index) for new, old_id, index in lineage}
-    position = {id(p): i for i, p in enumerate(model_order)}
-    state = {}
-    for group in optimizer.param_groups:
-        params = []
-        for param in group["params"]:
-            new, index = replaced.get(id(param), (param, {}))
-            params.append(new)
-            if param in optimizer.state:
-                carried = {key: _slice_like(value, param, new, index) for key, value in optimizer.state[param].items()}
-                if all(v is not None for v in carried.values()):
-                    state[new] = carried
-        group["params"] = sorted(params, key=lambda p: position.get(id(p), len(position)))
-    optimizer.state = defaultdict(dict, state)
+def _example_input(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
+    """The module's ``example_input_array``, else one from the first training batch; checked by running forward."""
+    name = type(pl_module).__name__
+    example, source = pl_module.example_input_array, f"{name}.example_input_array"
+    if example is None:
+        source = "the first training batch (batch[0] of a tuple batch)"
+        try:
+            batch = inputs.first_batch(trainer.fit_loop._data_source.dataloader())
+        except Exception as error:
+            raise PruningConfigError(f"StructuredPruning could not draw the first training batch at setup "
+                                     f"({type(error).__name__}: {error}). {_EXAMPLE_HINT}") from error
+        example = inputs.from_batch(batch)
+        if example is None:
+            raise PruningConfigError(f"StructuredPruning cannot tell {name}.forward's input in a training batch of "
+                                     f"type {type(batch).__name__}. {_EXAMPLE_HINT}")
+    example = inputs.detached(example)
+    _, error = try_forward(pl_module, inputs.to_device(example, pl_module.device), eval_mode=True)
+    if error:
+        raise PruningConfigError(f"{name}.forward cannot run on {source}: {error}. {_EXAMPLE_HINT}")
+    return example
 
 
-def _slice_like(value: Any, old: torch.Tensor, new: torch.Tensor, index: dict[int, torch.Tensor]) -> Any:
-    if not isinstance(value, torch.Tensor) or value.shape != old.shape:
-        return value  # scalars such as Adam's step
-    for dim, kept in index.items():
-        value = value.index_select(dim, kept.to(value.device))
-    return value.clone() if value.shape == new.shape else None
-
-
-def _shapes_differ(module: torch.nn.Module, dense: dict[str, torch.Tensor], prefix: str) -> bool:
-    current = dense_view({prefix + k: v for k, v in module.state_dict().items()})
-    return any(key in dense and tuple(value.shape) != tuple(dense[key].shape) for key, value in current.items())
-
-
-def _name_as_masked(module: torch.nn.Module, state_dict: dict[str, torch.Tensor], prefix: str) -> None:
-    """Rename a dense state dict's masked tensors to their parametrized names; the masks keep their values."""
-    for key, value in module.state_dict().items():
-        head, marker, tail = key.partition(".parametrizations.")
-        if not marker or prefix + key in state_dict:
+def _warn_about_best_checkpoints(trainer: pl.Trainer, target: float) -> None:
+    for callback in trainer.checkpoint_callbacks:
+        path = getattr(callback, "best_model_path", "")
+        if not path or not getattr(callback, "monitor", None) or path == callback.last_model_path:
             continue
-        dense_key = f"{prefix}{head}.{tail.removesuffix('.original')}"
-        state_dict[prefix + key] = state_dict.pop(dense_key) if tail.endswith(".original") else value
-
-
-def _model_input(batch: Any) -> Any:
-    """The part of a training batch the model's forward takes: the batch, or its first element."""
-    if isinstance(batch, (list, tuple)) and batch:
-        batch = batch[0]
-    return batch.detach().clone() if isinstance(batch, torch.Tensor) else None
-
-
-def _to_device(value: Any, device: torch.device) -> Any:
-    return value.to(device) if isinstance(value, torch.Tensor) else value
-
-
-def _measure(model: torch.nn.Module, example: Any) -> tuple[int, int | None]:
-    return count_params(model), (count_macs(model, example) if example is not None else None)
+        level = masked_sparsity_of_file(path)
+        if level is not None and level < target - 1e-6:
+            rank_zero_warn(
+                f"StructuredPruning: ModelCheckpoint's best checkpoint {path} was written at sparsity {level:.3f}, "
+                f"below the target {target:.3f} (before the schedule finished): it stands for a wider model than the "
+                "fused one. trainer.test(ckpt_path='best') refuses to widen this model; load that checkpoint on its "
+                "own with lightning_prune.load_pruned(MyModule(...), path)."
+            )
 
 
 @rank_zero_only
 def _log_metrics(trainer: pl.Trainer, metrics: dict[str, float]) -> None:
     for logger in trainer.loggers:
         logger.log_metrics(metrics, step=trainer.global_step)
-
-
-def _summary(before: dict, after: dict, measured_before: tuple, measured_after: tuple) -> str:
-    lines = ["StructuredPruning: fused", f"{'layer':<40} {'channels (in, out)':>28}"]
-    for name, widths in before.items():
-        if after.get(name) != widths:
-            lines.append(f"{name:<40} {str(widths):>13} -> {str(after.get(name)):<12}")
-    lines.append(f"params {measured_before[0]:,} -> {measured_after[0]:,}")
-    if measured_before[1] is not None:
-        lines.append(f"MACs   {measured_before[1]:,} -> {measured_after[1]:,}")
-    return "\n".join(lines)

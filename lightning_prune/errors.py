@@ -9,5 +9,9 @@ class UnsupportedPatternError(PruningConfigError):
     """A configured tensor's channels reach an op that fusion cannot narrow exactly."""
 
 
+class OutputReachedError(PruningConfigError):
+    """An explicit config names a tensor whose channels reach the model's output, while the output is protected."""
+
+
 class PrunerStateError(RuntimeError):
     """A pruner method was called out of order, e.g. ``step()`` or ``prune()`` before ``prepare()``."""

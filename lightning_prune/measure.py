@@ -14,15 +14,11 @@ from torch import nn
 from torch.utils import benchmark
 from torch.utils.flop_counter import FlopCounterMode
 
-ExampleInput = torch.Tensor | tuple[torch.Tensor, ...]
+from lightning_prune.inputs import as_call
 
-_WIDTH_OF = {
-    nn.Linear: lambda m: (m.in_features, m.out_features),
-    nn.modules.conv._ConvNd: lambda m: (m.in_channels, m.out_channels),
-    nn.modules.batchnorm._BatchNorm: lambda m: (m.num_features, m.num_features),
-    nn.LSTM: lambda m: (m.input_size, m.hidden_size),
-    nn.LayerNorm: lambda m: (m.normalized_shape[-1], m.normalized_shape[-1]),
-}
+#: one input for ``forward``: a tensor, a tuple of positional arguments, or a dict of keyword arguments
+ExampleInput = torch.Tensor | tuple[torch.Tensor, ...] | dict[str, torch.Tensor]
+
 
 
 def count_params(model: nn.Module) -> int:
@@ -39,13 +35,14 @@ def count_macs(model: nn.Module, example_input: ExampleInput) -> int:
     mkldnn = torch.backends.mkldnn
     counter = FlopCounterMode(display=False)
     with (
-        _eval_mode(model),
+        eval_mode(model),
         torch.no_grad(),
         mkldnn.flags(enabled=False, deterministic=mkldnn.deterministic, allow_tf32=mkldnn.allow_tf32),
         torch.backends.cudnn.flags(enabled=False),
         counter,
     ):
-        model(*_as_args(example_input))
+        args, kwargs = as_call(example_input)
+        model(*args, **kwargs)
     return counter.get_total_flops() // 2
 
 
@@ -60,37 +57,19 @@ def latency_ms(
         raise ValueError(f"threads must be an integer >= 1, got {threads!r}")
     if not min_run_time > 0:
         raise ValueError(f"min_run_time must be a positive number of seconds, got {min_run_time!r}")
+    args, kwargs = as_call(example_input)
     timer = benchmark.Timer(
-        stmt="model(*args)",
-        globals={"model": model, "args": _as_args(example_input)},
+        stmt="model(*args, **kwargs)",
+        globals={"model": model, "args": args, "kwargs": kwargs},
         num_threads=threads,
     )
-    with _eval_mode(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         measurement = timer.blocked_autorange(min_run_time=min_run_time)
     return measurement.median * 1e3
 
 
-def layer_widths(model: nn.Module) -> dict[str, tuple[int, int]]:
-    """``{module fqn: (input width, output width)}`` for the layer types that pruning narrows.
-
-    Compare the result before and after ``prune()`` to see each layer's channels before -> after. An
-    LSTM's output width is its hidden size; a LayerNorm's widths are its last normalised dimension.
-    """
-    widths = {}
-    for name, module in model.named_modules():
-        for layer_type, width_of in _WIDTH_OF.items():
-            if isinstance(module, layer_type):
-                widths[name] = width_of(module)
-                break
-    return widths
-
-
-def _as_args(example_input: ExampleInput) -> tuple[torch.Tensor, ...]:
-    return example_input if isinstance(example_input, tuple) else (example_input,)
-
-
 @contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
+def eval_mode(model: nn.Module) -> Iterator[None]:
     """Measure in eval mode (Dropout off, BatchNorm statistics frozen), then restore every module's mode."""
     modes = {module: module.training for module in model.modules()}
     model.eval()

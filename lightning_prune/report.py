@@ -115,7 +115,7 @@ def _is_number(value: Any) -> bool:
 
 def markdown_table(sweep: Sweep) -> str:
     """One row per run: the varied overrides, then size, speed and accuracy, dense -> pruned."""
-    metric_header = ["sparsity", "pruner", "params", "MACs", "latency (ms)", "val acc", "test acc"]
+    metric_header = ["sparsity", "pruner", "params", "MACs per sample", "latency (ms)", "val acc", "test acc"]
     rows = []
     for run in sweep.runs:
         m = run.metrics

@@ -1,9 +1,12 @@
 """The Hydra app: digits data, demo models, the LightningModule, one run end to end, and a CLI sweep."""
 
+import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -13,11 +16,21 @@ from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch import Trainer
 from omegaconf import OmegaConf, open_dict
 
-from lightning_prune.app import DigitsCNN, DigitsDataModule, DigitsLSTM, DigitsResNet, LitClassifier
-from lightning_prune.app.experiment import CHECKPOINT_FILE, METRICS_FILE, RESOLVED_CONFIG_FILE, run
+from lightning_prune.app import DigitsCNN, DigitsDataModule, DigitsLSTM, DigitsResNet, LitClassifier, experiment
+from lightning_prune.app.experiment import (
+    CHECKPOINT_FILE,
+    LOG_FILE,
+    METRICS_FILE,
+    RESOLVED_CONFIG_FILE,
+    run,
+    summary_table,
+)
+from lightning_prune.errors import PruningConfigError
+from lightning_prune.measure import count_macs
 from lightning_prune.report import main as report_main
 
 REPO = Path(__file__).resolve().parents[1]
+CONF_DIR = REPO / "lightning_prune" / "app" / "conf"
 N_DIGITS = 1797
 # The smallest run that still trains, prunes (one shot at step 2), fuses, validates and tests.
 TINY = [
@@ -131,7 +144,7 @@ def composed_run(tmp_path):
     """Runs the app in-process on a composed config, as ``@hydra.main`` would, writing into tmp_path."""
 
     def _run(overrides):
-        with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             cfg = compose("config", overrides=[*overrides, f"output_dir={tmp_path}"], return_hydra_config=True)
         HydraConfig.instance().set_config(cfg)
         with open_dict(cfg):
@@ -163,16 +176,66 @@ def test_one_run_prunes_and_writes_complete_metrics(composed_run, tmp_path, over
     assert written["overrides"] == [*TINY, *overrides, f"output_dir={tmp_path}"]
     assert metrics["params_after"] == written["params_after"]
     assert OmegaConf.load(tmp_path / RESOLVED_CONFIG_FILE).output_dir == str(tmp_path)
-    state_dict = torch.load(tmp_path / CHECKPOINT_FILE, weights_only=False)["state_dict"]
+    state_dict = torch.load(tmp_path / CHECKPOINT_FILE, weights_only=True)["state_dict"]
     buffers = ("running_mean", "running_var", "num_batches_tracked")
     saved_params = sum(t.numel() for name, t in state_dict.items() if not name.endswith(buffers))
     assert saved_params == written["params_after"]
+    # the schedule's outcome: one shot at step 2 of 6, then 4 steps of fine-tuning
+    assert written["schedule_completed"] is True and written["pruned_tensors"] >= 2
+    assert (written["last_pruning_step"], written["steps_after_last_pruning"]) == (2, 4)
 
 
-def _cli(*args, cwd):
+def test_both_summaries_count_macs_per_sample(composed_run, tmp_path):
+    written = composed_run([*TINY, "dense_baseline=false"])
+    one_image = DigitsDataModule().example_input(1)
+    assert written["macs_before"] == count_macs(DigitsCNN(), one_image)
+    logged = {}
+    with open(next(tmp_path.glob("logs/*/metrics.csv"))) as handle:
+        for row in csv.DictReader(handle):
+            logged.update({key: float(value) for key, value in row.items() if key.startswith("pruning/macs") and value})
+    assert logged == {"pruning/macs_before": written["macs_before"], "pruning/macs": written["macs_after"]}
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("tensors.config=[{tensor_fqn: net.features.0.weigth}]", "unknown tensor_fqn 'net.features.0.weigth'"),
+        ("tensors.config=[{tensor_fqn: net.classifier.weight}]", "narrow_output=True"),
+        ("tensors.config=[net.features.0.weight]", "each config entry is a dict with a 'tensor_fqn'"),
+        ("tensors.include=[net\\.nope]", "matches no weight of LitClassifier"),
+        ("+pruner.sparsity_levl=0.3", "did you mean 'sparsity_level'"),
+    ],
+    ids=["misspelt-fqn", "output-layer", "strings-for-dicts", "include-matches-nothing", "misspelt-pruner-key"],
+)
+def test_bad_configuration_fails_before_the_dense_baseline_trains(composed_run, monkeypatch, override, message):
+    trained = []
+    monkeypatch.setattr(experiment, "_train_dense_baseline", lambda *args: trained.append(args) or (0.0, 0.0))
+    with pytest.raises(Exception) as raised:  # noqa: B017 - Hydra wraps some of them in InstantiationException
+        composed_run([*TINY, override])
+    chain = [raised.value, raised.value.__cause__]
+    assert any(isinstance(e, PruningConfigError) and message in str(e) for e in chain), chain
+    assert trained == []
+
+
+def test_a_run_that_pruned_nothing_says_so():
+    metrics = {"pruner": "saliency", "sparsity_level": 0.5, "params_before": 100, "params_after": 100,
+               "macs_before": 10, "macs_after": 10, "latency_ms_before": 1.0, "latency_ms_after": 1.0,
+               "test_acc": 0.9, "dense_test_acc": None, "measure_batch_size": 256}
+    for pruned_tensors, reason in ((0, "no tensor was selected"), (3, "the masks removed no channel")):
+        headline = summary_table({**metrics, "pruned_tensors": pruned_tensors}).splitlines()[0]
+        assert headline.startswith("Nothing was pruned with saliency") and reason in headline
+    cut = summary_table({**metrics, "params_after": 50, "pruned_tensors": 3, "schedule_completed": False})
+    assert "the schedule was cut short" in cut.splitlines()[0]
+    done = summary_table({**metrics, "params_after": 50, "pruned_tensors": 3, "schedule_completed": True,
+                          "steps_after_last_pruning": 100})
+    assert done.splitlines()[0] == "Pruned with saliency at sparsity 0.5, then 100 steps of fine-tuning:"
+
+
+def _cli(*args, cwd, entry=("examples/train.py",)):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
+    command = [sys.executable, str(REPO / entry[0])] if entry[0].endswith(".py") else [sys.executable, *entry]
     return subprocess.run(
-        [sys.executable, str(REPO / "examples" / "train.py"), *args],
+        [*command, *args],
         cwd=cwd,
         env=env,
         capture_output=True,
@@ -187,6 +250,10 @@ def test_cli_sweep_then_report_gives_table_csv_and_png(tmp_path, capsys):
     result = _cli(*sweep, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(list(sweep_dir.glob("*/metrics.json"))) == 2
+    for job in sorted(sweep_dir.glob("*/metrics.json")):  # every run says where it wrote, and train.log has the log
+        assert f"Outputs in {job.parent}" in result.stdout
+        log = (job.parent / LOG_FILE).read_text()
+        assert "StructuredPruning: masking" in log and "StructuredPruning: fused" in log and "Pruned with" in log
     assert report_main([str(sweep_dir)]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 0.")]
     assert [row.split("|")[1].strip() for row in rows] == ["0.25", "0.5"]
@@ -200,3 +267,41 @@ def test_cli_rejects_out_of_range_sparsity_before_training(tmp_path):
     assert "PruningConfigError" in result.stderr and "1.5" in result.stderr
     assert "Epoch" not in result.stderr + result.stdout
     assert not (tmp_path / "run" / METRICS_FILE).exists()
+
+
+def test_ddp_runs_on_a_cpu_only_machine_as_documented(tmp_path):
+    run_dir = tmp_path / "run"
+    result = _cli(*TINY, "trainer=ddp", "trainer.devices=2", "dense_baseline=false", f"hydra.run.dir={run_dir}",
+                  cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    written = json.loads((run_dir / METRICS_FILE).read_text())
+    assert written["params_after"] < written["params_before"] and written["schedule_completed"]
+
+
+def test_the_installed_package_runs_the_app_from_any_directory(tmp_path):
+    """The configs ship inside the package: the wheel holds them and ``python -m lightning_prune.app`` composes
+    them with no conf/ directory around."""
+    source = tmp_path / "src"
+    shutil.copytree(REPO / "lightning_prune", source / "lightning_prune", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path / "wheel"), str(source)], check=True, capture_output=True, timeout=300)
+    with zipfile.ZipFile(next((tmp_path / "wheel").glob("*.whl"))) as wheel:
+        shipped = {name for name in wheel.namelist() if name.endswith(".yaml")}
+    packaged = {f"lightning_prune/app/conf/{p.relative_to(CONF_DIR)}" for p in CONF_DIR.rglob("*.yaml")}
+    assert shipped == packaged and "lightning_prune/app/conf/pruner/fpgm.yaml" in shipped
+
+    result = _cli("--cfg", "job", "pruner=fpgm", cwd=tmp_path, entry=("-m", "lightning_prune.app"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "lightning_prune.sparsifier.FPGMPruner" in result.stdout
+
+
+def test_explain_prints_the_plan_and_trains_nothing(composed_run, monkeypatch, capsys, tmp_path):
+    trained = []
+    monkeypatch.setattr(experiment, "_train_dense_baseline", lambda *args: trained.append(args) or (0.0, 0.0))
+    result = composed_run([*TINY, "+explain=true"])
+    printed = capsys.readouterr().out
+    assert "Pruning plan (fx, shapes from example inputs" in printed and "net.features.0.weight*" in printed
+    assert result["plan"]["left_out"] == {"net.classifier.weight": "its channels reach the model's output"}
+    assert trained == [] and not (tmp_path / "metrics.json").exists()

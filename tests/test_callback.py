@@ -12,15 +12,14 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
-from lightning.pytorch.strategies import ModelParallelStrategy, SingleDeviceStrategy
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch import nn
 from torch.nn.utils import parametrize
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_prune.callback import StructuredPruning
-from lightning_prune.checkpoint import load_pruned
 from lightning_prune.errors import PruningConfigError, UnsupportedPatternError
 from lightning_prune.measure import count_params
 from lightning_prune.sparsifier import SaliencyPruner
@@ -144,14 +143,17 @@ def test_fit_shrinks_the_module_in_place(tmp_path):
     assert predictions[0].shape == (8, CLASSES)
 
 
-def test_verify_raises_when_fusion_changes_the_output(tmp_path):
-    class CorruptingPruner(SaliencyPruner):
-        def prune(self):
-            model = super().prune()
-            with torch.no_grad():
-                model.net[2].bias.add_(1.0)
-            return model
+class CorruptingPruner(SaliencyPruner):
+    """Fusion that changes one hidden unit's bias: what verify is there to catch."""
 
+    def prune(self):
+        model = super().prune()
+        with torch.no_grad():
+            model.net[2].bias.add_(1.0)
+        return model
+
+
+def test_verify_raises_when_fusion_changes_the_output(tmp_path):
     callback = StructuredPruning(CorruptingPruner(sparsity_level=0.5))
     with pytest.raises(RuntimeError, match="differs from the masked output"):
         trainer_for(tmp_path, [callback]).fit(TinyClassifier(), loader())
@@ -287,77 +289,6 @@ def test_target_is_reached_when_training_stops_before_end_step(tmp_path):
     assert_shrunk(model)
 
 
-# --- resume -------------------------------------------------------------------------------------------------
-
-
-def resumable_run(tmp_path, max_epochs: int, ckpt_path=None, checkpoint: ModelCheckpoint | None = None):
-    pl.seed_everything(0, verbose=False)
-    model = TinyClassifier()
-    callback = pruning(schedule="cubic", start_step=1, end_step=12, every_n_steps=2)
-    callbacks = [callback] + ([checkpoint] if checkpoint else [])
-    trainer = trainer_for(tmp_path, callbacks, max_epochs=max_epochs, deterministic=True,
-                          enable_checkpointing=checkpoint is not None)
-    trainer.fit(model, loader(), ckpt_path=ckpt_path)
-    return model, callback
-
-
-def test_resume_mid_schedule_equals_an_uninterrupted_run(tmp_path):
-    uninterrupted, _ = resumable_run(tmp_path / "a", max_epochs=4)
-
-    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1)
-    resumable_run(tmp_path / "b", max_epochs=2, checkpoint=checkpoint)
-    mid = tmp_path / "ckpt" / "epoch=1-step=8.ckpt"
-    saved = torch.load(mid, weights_only=False)
-    assert any(".parametrizations." in key for key in saved["state_dict"])  # masked, not yet fused
-    masks = [v for k, v in saved["state_dict"].items() if k.endswith(".mask")]
-    pruned_fraction = sum(int((~m).sum()) for m in masks) / sum(m.numel() for m in masks)
-    assert 0 < pruned_fraction < 0.5  # really mid-schedule
-
-    resumed, callback = resumable_run(tmp_path / "c", max_epochs=4, ckpt_path=mid)
-    assert callback.fused
-    assert_shrunk(resumed)
-    expected, actual = uninterrupted.state_dict(), resumed.state_dict()
-    assert expected.keys() == actual.keys()
-    for key in expected:
-        torch.testing.assert_close(actual[key], expected[key], atol=1e-5, rtol=0, msg=key)
-
-
-def test_a_checkpoint_taken_after_fusion_resumes(tmp_path):
-    model = TinyClassifier()
-    trainer = trainer_for(tmp_path, [pruning()], max_epochs=1)
-    trainer.fit(model, loader())
-    fused_path = tmp_path / "fused.ckpt"
-    trainer.save_checkpoint(fused_path)
-    fused_weights = copy.deepcopy(model.state_dict())
-
-    fresh, callback = TinyClassifier(), pruning()
-    trainer_for(tmp_path, [callback], max_epochs=3).fit(fresh, loader(), ckpt_path=fused_path)
-
-    assert callback.fused
-    assert_shrunk(fresh)
-    assert fresh.state_dict().keys() == fused_weights.keys()
-    # training continued on the narrow parameters (the optimizer holds them, not the dense ones)
-    assert not torch.equal(fresh.net[0].weight, fused_weights["net.0.weight"])
-
-
-# --- checkpoints and load_pruned ----------------------------------------------------------------------------
-
-
-def test_load_pruned_reloads_save_checkpoint_and_last_ckpt(tmp_path):
-    model = TinyClassifier()
-    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-    trainer = trainer_for(tmp_path, [pruning(), checkpoint], max_epochs=2, enable_checkpointing=True)
-    trainer.fit(model, loader())
-    saved = tmp_path / "after_fit.ckpt"
-    trainer.save_checkpoint(saved)
-    expected = outputs(model, probe())
-
-    for path in (saved, tmp_path / "ckpt" / "last.ckpt"):
-        reloaded = load_pruned(TinyClassifier(), path)
-        assert_shrunk(reloaded)
-        torch.testing.assert_close(outputs(reloaded, probe()), expected, atol=0, rtol=0)
-
-
 # --- logging ------------------------------------------------------------------------------------------------
 
 
@@ -436,12 +367,22 @@ def test_a_sharded_strategy_is_refused_at_setup(tmp_path):
     assert not any(parametrize.is_parametrized(m) for m in model.modules())
 
 
-def test_fsdp_is_refused_by_name(tmp_path):
-    """Lightning's FSDPStrategy needs a GPU; a CPU strategy with its name stands in for it."""
-    fake_fsdp = type("FSDPStrategy", (SingleDeviceStrategy,), {})(device=torch.device("cpu"))
-    trainer = trainer_for(tmp_path, [pruning()], strategy=fake_fsdp)
-    with pytest.raises(PruningConfigError, match="FSDPStrategy"):
-        trainer.fit(TinyClassifier(), loader())
+def test_a_subclass_of_fsdp_is_refused(tmp_path):
+    """Strategies are recognised by class, so a user's FSDPStrategy subclass is refused like FSDPStrategy."""
+
+    class MyFSDP(FSDPStrategy):
+        pass
+
+    counter = BatchCounter()
+    trainer = trainer_for(tmp_path, [counter, pruning()], strategy=MyFSDP())
+    with mock.patch.dict(os.environ):  # the strategy starts a process group
+        try:
+            with pytest.raises(PruningConfigError, match="MyFSDP.*shards parameters"):
+                trainer.fit(TinyClassifier(), loader())
+        finally:
+            if torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
+    assert counter.batches == 0
 
 
 def test_sync_batchnorm_is_refused_at_setup(tmp_path):
@@ -449,3 +390,20 @@ def test_sync_batchnorm_is_refused_at_setup(tmp_path):
     trainer.strategy._layer_sync = object()  # what Trainer(sync_batchnorm=True) sets; it needs a GPU to construct
     with pytest.raises(PruningConfigError, match="sync_batchnorm"):
         trainer.fit(TinyClassifier(), loader())
+
+
+
+def test_setup_logs_the_plan_as_a_table(tmp_path, caplog):
+    with caplog.at_level("INFO", logger="lightning.pytorch"):
+        trainer_for(tmp_path, [pruning()], max_steps=1).fit(TinyClassifier(), loader())
+    logged = caplog.text
+    assert "Pruning plan (fx, shapes from example inputs" in logged
+    assert "net.0.weight*" in logged and "left out net.4.weight: its channels reach the model's output" in logged
+
+
+def test_explain_shows_the_callbacks_plan_without_touching_the_module():
+    module = TinyClassifier()
+    plan = pruning(0.25).explain(module, probe())
+    assert [g["configured"] for g in plan.to_dict()["groups"]][:2] == [["net.0.weight"], ["net.2.weight"]]
+    assert plan.to_dict()["sparsity_level"] == 0.25
+    assert not any(parametrize.is_parametrized(m) for m in module.modules())

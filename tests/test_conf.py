@@ -1,5 +1,6 @@
 """Every Hydra config composes and instantiates, sweeps compose, and bad overrides fail clearly."""
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -9,13 +10,13 @@ from hydra.errors import ConfigCompositionException, InstantiationException, Mis
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch import Trainer
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from lightning_prune.callback import StructuredPruning
 from lightning_prune.errors import PruningConfigError
-from lightning_prune.sparsifier import BaseStructuredSparsifier, LSTMSaliencyPruner
+from lightning_prune.sparsifier import BaseStructuredSparsifier, FPGMPruner, LSTMSaliencyPruner
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+CONF_DIR = Path(__file__).resolve().parents[1] / "lightning_prune" / "app" / "conf"
 GROUP_OPTIONS = sorted((path.parent.name, path.stem) for path in CONF_DIR.glob("*/*.yaml"))
 
 
@@ -46,6 +47,7 @@ def test_every_group_has_its_options():
         ("schedule", "oneshot"),
         ("schedule", "linear"),
         ("schedule", "cubic"),
+        ("tensors", "auto"),
         ("trainer", "cpu"),
         ("trainer", "gpu"),
         ("trainer", "ddp"),
@@ -84,9 +86,33 @@ def test_default_config_is_the_documented_one(tmp_path):
 
 def test_ddp_trainer_takes_the_device_count_as_one_override(tmp_path):
     cfg = compose_app(["trainer=ddp", "trainer.devices=4"], tmp_path)
-    assert (cfg.trainer.strategy, cfg.trainer.devices, cfg.trainer.accelerator) == ("ddp", 4, "gpu")
-    trainer = instantiate(cfg.trainer, accelerator="cpu", devices=2)
+    assert (cfg.trainer.strategy, cfg.trainer.devices, cfg.trainer.accelerator) == ("ddp", 4, "auto")
+    trainer = instantiate(cfg.trainer, devices=2)  # as documented, with no accelerator override on a CPU machine
     assert isinstance(trainer, Trainer) and trainer.num_devices == 2
+    assert trainer.accelerator.is_available()
+
+
+def test_every_pruner_config_stands_alone(tmp_path):
+    """A pruner yaml holds the pruner and nothing else, so a new one needs no other block to compose and run."""
+    for path in sorted((CONF_DIR / "pruner").glob("*.yaml")):
+        assert "@package" not in path.read_text(), path.name
+        assert "_target_" in OmegaConf.load(path), path.name
+    own = tmp_path / "conf"
+    shutil.copytree(CONF_DIR, own)
+    (own / "pruner" / "mine.yaml").write_text("_target_: lightning_prune.sparsifier.FPGMPruner\nsparsity_level: 0.3\n")
+    with initialize_config_dir(config_dir=str(own), version_base="1.3"):
+        cfg = compose("config", overrides=["pruner=mine", f"output_dir={tmp_path}"])
+    callback = instantiate(cfg.callbacks.pruning)
+    assert isinstance(callback.pruner, FPGMPruner) and callback.pruner.defaults["sparsity_level"] == 0.3
+
+
+@pytest.mark.parametrize("schedule", sorted(path.stem for path in (CONF_DIR / "schedule").glob("*.yaml")))
+def test_schedules_are_fractions_of_the_run(schedule, tmp_path):
+    """Absolute steps fit one run length only; fractions of the run's optimizer steps fit any."""
+    cfg = compose_app([f"schedule={schedule}"], tmp_path)
+    for bound in (cfg.schedule.start_step, cfg.schedule.end_step):
+        assert bound is None or (isinstance(bound, float) and 0.0 <= bound <= 1.0), bound
+    assert instantiate(cfg.callbacks.pruning).scheduler.start_step == cfg.schedule.start_step
 
 
 def test_lstm_experiment_pairs_the_lstm_with_tied_gates(tmp_path):
@@ -95,6 +121,9 @@ def test_lstm_experiment_pairs_the_lstm_with_tied_gates(tmp_path):
     pruner = instantiate(cfg.pruner)
     assert isinstance(pruner, LSTMSaliencyPruner)
     assert cfg.pruner.tie_gates is True
+    # tensors=auto: every layer but the classifier, which produces the output, so the LSTM's two weights
+    selected = instantiate(cfg.callbacks.pruning).check(instantiate(cfg.module), torch.rand(2, 1, 8, 8))
+    assert selected == ["net.lstm.weight_ih_l0", "net.lstm.weight_hh_l0"]
 
 
 @pytest.mark.parametrize("pruner", ["saliency", "fpgm", "lstm_saliency"])

@@ -80,8 +80,8 @@ SCRIPT = textwrap.dedent(
         out = Path(sys.argv[1])
         pl.seed_everything(0, verbose=False)
         pruner = RankSeededRandomPruner(sparsity_level=0.5)
-        # end_step=None: the ramp ends on the last step, after which no forward re-broadcasts DDP's buffers
-        callback = StructuredPruning(pruner, schedule="linear", start_step=0)
+        # end_step=1.0: the ramp ends on the last step, after which no forward re-broadcasts DDP's buffers
+        callback = StructuredPruning(pruner, schedule="linear", start_step=0, end_step=1.0)
         trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, callbacks=[callback],
                              logger=False, enable_progress_bar=False, enable_model_summary=False,
                              enable_checkpointing=False, default_root_dir=out)
@@ -92,12 +92,18 @@ SCRIPT = textwrap.dedent(
         torch.save({"state_dict": fitted, "own_choices": pruner.choices, "fused": callback.fused,
                     "steps": trainer.global_step, "test_widths": model.test_widths},
                    out / f"rank{trainer.global_rank}.pt")
+        torch.distributed.destroy_process_group()  # exit with no gloo thread left running
     '''
 )
 
 
 def run_ddp_script(tmp_path, source: str) -> subprocess.CompletedProcess:
-    """Run a 2-rank DDP script in a fresh process (Lightning re-launches it per rank) with a clean DDP env."""
+    """Run a 2-rank DDP script in a fresh process (Lightning re-launches it per rank) with a clean DDP env.
+
+    The scripts end with ``torch.distributed.destroy_process_group()``: a process that exits while the gloo
+    process group's threads still run can die in std::terminate ("terminate called without an active exception",
+    return code -6), now and then, after all its work is done.
+    """
     script = tmp_path / "ddp_script.py"
     script.write_text(source)
     env = {k: v for k, v in os.environ.items()

@@ -382,5 +382,5 @@ def test_explicit_output_layer_refused_when_output_is_protected():
 
 @pytest.mark.parametrize("bad", [3, "x", {1: torch.ones(1)}])
 def test_bad_example_inputs_refused(bad):
-    with pytest.raises(PruningConfigError, match="example_inputs must be a tensor, a tuple"):
+    with pytest.raises(PruningConfigError, match="example input must be a tensor, a tuple"):
         SaliencyPruner(sparsity_level=0.5).prepare(models.LinearBias(), None, example_inputs=bad)

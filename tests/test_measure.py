@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_prune.measure import count_macs, count_params, latency_ms, layer_widths
+from lightning_prune.fusion.rules import layer_widths
+from lightning_prune.measure import count_macs, count_params, latency_ms
 
 
 def tiny_cnn():

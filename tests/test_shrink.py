@@ -233,6 +233,7 @@ DDP_SCRIPT = textwrap.dedent(
         trainer.fit(model, DataLoader(data, batch_size=8))
         torch.save({"state_dict": model.state_dict(), "fused": callback.fused, "steps": trainer.global_step,
                     "params": widths.params, "first": widths.first}, out / f"rank{trainer.global_rank}.pt")
+        torch.distributed.destroy_process_group()  # exit with no gloo thread left running
     '''
 )
 

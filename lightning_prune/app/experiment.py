@@ -1,10 +1,11 @@
 """One run of the Hydra app: train dense, prune on the schedule, fuse, test, and record what pruning bought.
 
-Kept apart from ``examples/train.py`` so tests can run it on a composed config without a subprocess.
+Kept apart from the entry point (``cli.py``) so tests can run it on a composed config without a subprocess.
 """
 
 import copy
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,8 @@ from lightning_prune.report import METRICS_FILE
 
 RESOLVED_CONFIG_FILE = "resolved_config.yaml"
 CHECKPOINT_FILE = "pruned.ckpt"
+LOG_FILE = "train.log"
+log = logging.getLogger(__name__)
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -28,15 +31,23 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     Needs Hydra's config to be set (inside ``@hydra.main``, or ``HydraConfig.instance().set_config`` after
     ``compose(..., return_hydra_config=True)``): the overrides and group choices go into metrics.json.
+    Everything that can be checked without training is checked before the dense baseline trains: the pruner and
+    schedule (when the callbacks are built), and the tensors against the model (``StructuredPruning.check``).
     """
     started = time.perf_counter()
     if cfg.torch_threads is not None:
         torch.set_num_threads(cfg.torch_threads)
     output_dir = Path(cfg.output_dir)
+    log.info(f"Writing outputs to {output_dir}")
     datamodule: DigitsDataModule = instantiate(cfg.data)
     example_input = datamodule.example_input(cfg.measure.batch_size)
-    # Built first so that a bad pruner or sparsity fails before any training.
     callbacks = instantiate(cfg.callbacks)
+    pruning = callbacks["pruning"]
+    if cfg.get("explain", False):  # +explain=true: print the plan and stop, nothing trained
+        plan = pruning.explain(instantiate(cfg.module), example_input[:1])
+        print(plan)
+        return {"val_acc": None, "plan": plan.to_dict()}
+    pruning.check(instantiate(cfg.module), example_input[:2])
 
     dense_val_acc = dense_test_acc = None
     if cfg.dense_baseline:
@@ -51,7 +62,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     # Dense and pruned timed back to back, so a change in machine load between them cannot pose as a speed-up.
     before = _measure(dense_net, example_input, cfg.measure)
     after = _measure(module.net, example_input, cfg.measure)
-    trainer.save_checkpoint(output_dir / CHECKPOINT_FILE)
+    trainer.save_checkpoint(output_dir / CHECKPOINT_FILE, weights_only=False)
 
     hydra_cfg = HydraConfig.get()
     metrics = {
@@ -59,6 +70,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "pruner": hydra_cfg.runtime.choices["pruner"],
         "model": hydra_cfg.runtime.choices["model"],
         "schedule": cfg.schedule.name,
+        **pruning.summary(),
+        "measure_batch_size": cfg.measure.batch_size,
         **{f"{name}_before": value for name, value in before.items()},
         **{f"{name}_after": value for name, value in after.items()},
         "val_acc": val_acc,
@@ -72,7 +85,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if trainer.is_global_zero:
         OmegaConf.save(cfg, output_dir / RESOLVED_CONFIG_FILE, resolve=True)
         (output_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
-        print(summary_table(metrics))
+        log.info(summary_table(metrics))
+        log.info(f"Outputs in {output_dir}: {METRICS_FILE}, {RESOLVED_CONFIG_FILE}, {CHECKPOINT_FILE}, {LOG_FILE}, "
+                 "checkpoints/, logs/")
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()  # exit without gloo/nccl threads still running
     return metrics
 
 
@@ -93,30 +110,43 @@ def _evaluate(trainer: Trainer, module: LightningModule, datamodule: DigitsDataM
 
 
 def _measure(net: torch.nn.Module, example_input: torch.Tensor, settings: DictConfig) -> dict[str, float]:
-    """Size and CPU speed; Lightning has already moved the model back to the CPU when fit and test end."""
+    """Size, MACs per sample (the basis of the callback's summary too) and CPU latency of the whole batch.
+
+    Lightning has already moved the model back to the CPU when fit and test end.
+    """
     net.cpu()
     return {
         "params": count_params(net),
-        "macs": count_macs(net, example_input),
+        "macs": count_macs(net, example_input) // len(example_input),
         "latency_ms": latency_ms(net, example_input, threads=settings.threads, min_run_time=settings.min_run_time),
     }
 
 
 def summary_table(metrics: dict[str, Any]) -> str:
-    """Dense vs pruned as a markdown table: params, MACs, CPU latency and test accuracy."""
+    """Dense vs pruned as a markdown table: params, MACs per sample, CPU latency and test accuracy."""
     rows = [
         ("params", metrics["params_before"], metrics["params_after"], "{:,}"),
-        ("MACs", metrics["macs_before"], metrics["macs_after"], "{:,}"),
-        ("latency (ms)", metrics["latency_ms_before"], metrics["latency_ms_after"], "{:.3f}"),
+        ("MACs per sample", metrics["macs_before"], metrics["macs_after"], "{:,}"),
+        (f"latency (ms, batch {metrics.get('measure_batch_size', '?')})", metrics["latency_ms_before"],
+         metrics["latency_ms_after"], "{:.3f}"),
     ]
-    lines = [
-        f"Pruned with {metrics['pruner']} at sparsity {metrics['sparsity_level']}:",
-        "| | dense | pruned | pruned / dense |",
-        "|---|---:|---:|---:|",
-    ]
+    lines = [_headline(metrics), "| | dense | pruned | pruned / dense |", "|---|---:|---:|---:|"]
     lines += [f"| {name} | {fmt.format(a)} | {fmt.format(b)} | {b / a:.2f} |" for name, a, b, fmt in rows]
     dense_acc = metrics["dense_test_acc"]
     dense_text = "n/a" if dense_acc is None else f"{dense_acc:.4f}"
     change = "" if dense_acc is None else f"{100 * (metrics['test_acc'] - dense_acc):+.2f} points"
     lines.append(f"| test acc | {dense_text} | {metrics['test_acc']:.4f} | {change} |")
     return "\n".join(lines)
+
+
+def _headline(metrics: dict[str, Any]) -> str:
+    """What was pruned, or that nothing was, and whether the schedule ran to its end with time to fine-tune."""
+    if not metrics.get("pruned_tensors") or metrics["params_after"] >= metrics["params_before"]:
+        reason = "no tensor was selected" if not metrics.get("pruned_tensors") else \
+            f"the masks removed no channel (sparsity_level {metrics['sparsity_level']})"
+        return f"Nothing was pruned with {metrics['pruner']}: {reason}; the model is the dense one."
+    headline = f"Pruned with {metrics['pruner']} at sparsity {metrics['sparsity_level']}"
+    if metrics.get("schedule_completed") is False:
+        return headline + " (the schedule was cut short: the rest of the target was applied at the end, unrecovered):"
+    after = metrics.get("steps_after_last_pruning")
+    return headline + (f", then {after} steps of fine-tuning:" if after is not None else ":")

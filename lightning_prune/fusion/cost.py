@@ -31,7 +31,7 @@ def layer_macs(plan: PruningPlan) -> tuple[int, dict[str, int], int] | None:
     from torch.utils._pytree import tree_map
     from torch.utils.flop_counter import FlopCounterMode
 
-    from lightning_prune.fusion.trace import eval_mode
+    from lightning_prune.measure import eval_mode
 
     args, kwargs = plan.example_inputs
     mode = FakeTensorMode(allow_non_fake_inputs=True)

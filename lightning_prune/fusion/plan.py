@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_prune.errors import PruningConfigError, UnsupportedPatternError
+from lightning_prune.errors import OutputReachedError, UnsupportedPatternError
 from lightning_prune.fusion.trace import trace
 from lightning_prune.fusion.walk import Producer, Walk, walk
 
@@ -66,6 +66,7 @@ class PruningPlan:
     example_inputs: tuple[tuple, dict] | None = None
     #: the level sizes are shown at by :meth:`table` and :meth:`to_dict`
     sparsity_level: float = 0.5
+    _channel_groups: list[ChannelGroup] | None = field(default=None, init=False, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         """The plan as JSON-ready data: every channel group (producers, configured tensors, consumers, granularity,
@@ -93,6 +94,11 @@ class PruningPlan:
 
     def channel_groups(self) -> list[ChannelGroup]:
         """Producers joined by shared classes, with their members (configured tensors) and blockers."""
+        if self._channel_groups is None:
+            self._channel_groups = self._find_channel_groups()
+        return self._channel_groups
+
+    def _find_channel_groups(self) -> list[ChannelGroup]:
         producers = list(self.walk.producers.values())
         by_fqn = {m.tensor_fqn: m for m in self.members}
         parent = list(range(len(producers)))
@@ -197,7 +203,7 @@ def analyse(
 
     Raises:
         UnsupportedPatternError: an explicit tensor cannot be pruned exactly (every such tensor and reason listed).
-        PruningConfigError: with ``exclude_output``, an explicit tensor whose channels reach the model's output.
+        OutputReachedError: with ``exclude_output``, an explicit tensor whose channels reach the model's output.
     """
     state = walk(model, trace(model, example_inputs))
     producers = _by_fqn(state)
@@ -236,7 +242,7 @@ def analyse(
                 problems[fqn] = "its channels reach the model's output"
         if explicit and strict and any(r == "its channels reach the model's output" for r in problems.values()):
             reaching = [f for f, r in problems.items() if r == "its channels reach the model's output"]
-            raise PruningConfigError(
+            raise OutputReachedError(
                 f"config names {reaching}, whose channels reach the model's output: pruning them changes the output's "
                 "width (a classifier would lose classes). Leave them out of the config, or opt in to narrowing the "
                 "output explicitly.")

@@ -161,7 +161,7 @@ class Surgery:
         with torch.no_grad():
             while self._tracked:
                 old, new = self._tracked.pop(0)
-                new.data = new.data.contiguous() if new.data.data_ptr() != old.data_ptr() else new.data.clone()
+                new.data = new.data.clone(memory_format=torch.contiguous_format)  # its own, compact storage
                 old.data = torch.zeros((), dtype=old.dtype, device=old.device).expand(old.shape)
 
     def zero(self, tensor: torch.Tensor, dim: int, index: torch.Tensor) -> None:

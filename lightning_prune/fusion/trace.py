@@ -28,6 +28,7 @@ from torch.utils._pytree import tree_map
 
 from lightning_prune.errors import UnsupportedPatternError
 from lightning_prune.fusion.rules import registry
+from lightning_prune.measure import eval_mode
 
 _OWN = (f"{os.sep}torch{os.sep}", f"{os.sep}lightning_prune{os.sep}")
 
@@ -131,18 +132,6 @@ def _propagate_shapes(model: nn.Module, graph: fx.Graph, example_inputs: tuple[t
     gm = fx.GraphModule(model, graph)
     with mode, eval_mode(model), torch.no_grad():
         _ShapeInterpreter(gm).run(*fake)
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Analyse in eval mode (no batch-statistics updates, no dropout), then restore every module's mode."""
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, training in modes.items():
-            m.training = training
 
 
 # -- export -------------------------------------------------------------------------------------------------------

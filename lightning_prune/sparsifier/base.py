@@ -20,6 +20,7 @@ from lightning_prune.fusion.apply import fuse
 from lightning_prune.fusion.attach import attach_masks
 from lightning_prune.fusion.plan import Member, PruningPlan, analyse
 from lightning_prune.fusion.rules import Rule, rules_scope
+from lightning_prune.inputs import as_call
 from lightning_prune.masks import has_masks
 from lightning_prune.sparsifier.config import (
     DEFAULTS,
@@ -27,7 +28,6 @@ from lightning_prune.sparsifier.config import (
     check_sparsity,
     config_fqns,
     fqn_filter,
-    normalize_example_inputs,
     resolve_tensor,
 )
 
@@ -119,7 +119,7 @@ class BaseStructuredSparsifier(abc.ABC):
             raise PrunerStateError("this pruner is already prepared; create a new pruner for another model")
         if has_masks_anywhere(model):
             raise PruningConfigError("the model already carries pruning masks; prepare a fresh copy of the model")
-        self.example_inputs = normalize_example_inputs(example_inputs)
+        self.example_inputs = None if example_inputs is None else as_call(example_inputs)
         explicit = config is not None
         entries = self._groups_from_config(model, config) if explicit else None
         select = fqn_filter(include, exclude)
@@ -175,6 +175,13 @@ class BaseStructuredSparsifier(abc.ABC):
         each as (group dict, plan member) pairs; a member's ``labels`` give the channel of each of its rows."""
         by_fqn = {g["tensor_fqn"]: g for g in self.groups}
         return [[(by_fqn[m.tensor_fqn], m) for m in members] for members in self.plan.coupled_members()]
+
+    def channels_of(self, group: dict[str, Any]) -> int:
+        """How many units of pruning a configured tensor has now: the classes of its rows (a channel, an LSTM's
+        hidden unit over its 4 gate rows, a head, a GroupNorm group)."""
+        member = next(m for m in self.plan.members if m.tensor_fqn == group["tensor_fqn"])
+        classes = self.plan.classes(member.labels)
+        return int(classes[classes >= 0].unique().numel())
 
     # -- prune --------------------------------------------------------------------------------------------------
     def prune(self) -> nn.Module:

@@ -44,23 +44,6 @@ def config_fqns(config: Any) -> list[str]:
     return fqns
 
 
-def normalize_example_inputs(example_inputs: Any) -> tuple[tuple, dict] | None:
-    """``(args, kwargs)`` for ``model.forward`` from a tensor, a tuple/list of positional arguments or a dict of
-    keyword arguments (Lightning's ``example_input_array`` convention); ``None`` stays ``None``."""
-    if example_inputs is None:
-        return None
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,), {}
-    if isinstance(example_inputs, (tuple, list)):
-        return tuple(example_inputs), {}
-    if isinstance(example_inputs, Mapping) and all(isinstance(k, str) for k in example_inputs):
-        return (), dict(example_inputs)
-    raise PruningConfigError(
-        f"example_inputs must be a tensor, a tuple of positional arguments or a dict of keyword arguments for "
-        f"model.forward, got {type(example_inputs).__name__}"
-    )
-
-
 def fqn_filter(include: list[str] | None, exclude: list[str] | None) -> Callable[[str], bool]:
     """Whether a tensor FQN matches an ``include`` regex (any, if None) and no ``exclude`` regex.
 

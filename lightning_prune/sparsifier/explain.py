@@ -8,11 +8,11 @@ from torch import nn
 
 from lightning_prune.fusion.plan import PruningPlan, analyse
 from lightning_prune.fusion.rules import Rule, rules_scope
+from lightning_prune.inputs import as_call
 from lightning_prune.sparsifier.config import (
     check_sparsity,
     config_fqns,
     fqn_filter,
-    normalize_example_inputs,
     resolve_tensor,
 )
 
@@ -48,7 +48,7 @@ def explain(
     for fqn in fqns or []:
         resolve_tensor(model, fqn)
     with rules_scope(rules):
-        plan = analyse(model, fqns, example_inputs=normalize_example_inputs(example_inputs),
+        plan = analyse(model, fqns, example_inputs=None if example_inputs is None else as_call(example_inputs),
                        exclude_output=exclude_output, select=fqn_filter(include, exclude), strict=False)
     plan.sparsity_level = sparsity_level
     return plan

@@ -39,18 +39,25 @@ class ClassSet:
             mask.copy_(keep[idx].to(mask.device))
 
 
-def class_set(plan: PruningPlan, members: list[Member]) -> ClassSet:
-    """The classes of ``members``' rows, which of them the masks keep, and which nothing blocks."""
+def class_structure(plan: PruningPlan, members: list[Member]) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+    """The members' classes (sorted), each member's row -> class index, and which classes may go."""
     row_classes = [plan.classes(m.labels) for m in members]
     classes = torch.cat([c[c >= 0] for c in row_classes]).unique()
     index = [torch.searchsorted(classes, c.clamp_min(0)) for c in row_classes]
+    blocked = torch.tensor(sorted(plan.groups.blocked_classes()), dtype=torch.long)
+    return classes, index, ~torch.isin(classes, blocked)
+
+
+def class_set(plan: PruningPlan, members: list[Member], structure: tuple | None = None) -> ClassSet:
+    """The classes of ``members``' rows, which of them the masks keep, and which nothing blocks (``structure``:
+    :func:`class_structure`'s result, when cached)."""
+    classes, index, free = structure if structure is not None else class_structure(plan, members)
     fakes = [row_mask(m.module, m.tensor_name) for m in members]
     masks = [None if fake is None else fake.mask for fake in fakes]
     kept = torch.zeros(classes.numel(), dtype=torch.long)
     for idx, mask in zip(index, masks, strict=True):
         kept.scatter_reduce_(0, idx, torch.ones_like(idx) if mask is None else mask.cpu().long(), "amax")
-    blocked = torch.tensor(sorted(plan.groups.blocked_classes()), dtype=torch.long)
-    return ClassSet(members, classes, index, masks, kept.bool(), ~torch.isin(classes, blocked))
+    return ClassSet(members, classes, index, masks, kept.bool(), free)
 
 
 class ScoringPruner(BaseStructuredSparsifier):
@@ -150,8 +157,13 @@ class ScoringPruner(BaseStructuredSparsifier):
         self.budget_reached = reached / self.cost.dense
 
     def class_set(self, members: list[Member]) -> ClassSet:
-        """The classes of ``members``' rows, which of them the masks keep, and which nothing blocks."""
-        return class_set(self.plan, members)
+        """The classes of ``members``' rows, which of them the masks keep, and which nothing blocks (the classes are
+        cached: the plan does not change between steps)."""
+        key = tuple(m.tensor_fqn for m in members)
+        cache = self.__dict__.setdefault("_class_cache", {})
+        if key not in cache or cache[key][0] is not self.plan:
+            cache[key] = (self.plan, class_structure(self.plan, members))
+        return class_set(self.plan, members, cache[key][1])
 
     def class_scores(self, cs: ClassSet) -> torch.Tensor:
         """One score per class of ``cs``: removed classes score -inf (they go first), blocked ones +inf."""

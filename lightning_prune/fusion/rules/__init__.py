@@ -24,6 +24,7 @@ from lightning_prune.fusion.rules.base import (
     RuleKind,
 )
 from lightning_prune.fusion.rules.registry import (
+    layer_widths,
     register_by_name,
     register_function,
     register_layer,
@@ -32,6 +33,7 @@ from lightning_prune.fusion.rules.registry import (
 )
 
 __all__ = [
-    "BlockingRule", "ChannelwiseRule", "ElementwiseRule", "LayerRule", "Rule", "RuleKind", "register_by_name",
+    "BlockingRule", "ChannelwiseRule", "ElementwiseRule", "LayerRule", "Rule", "RuleKind", "layer_widths",
+    "register_by_name",
     "register_function", "register_layer", "registry", "rule_for", "rules_scope",
 ]

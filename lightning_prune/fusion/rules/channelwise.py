@@ -172,6 +172,10 @@ class NormOverLastRule(ChannelwiseRule):
     def const_map(self, module, values):
         return torch.zeros_like(values), False
 
+    def widths(self, module):
+        shape = getattr(module, "normalized_shape", None)
+        return (shape[-1], shape[-1]) if shape else None
+
 
 register_layer(nn.modules.batchnorm._BatchNorm, BatchNormRule())
 register_layer(nn.modules.instancenorm._InstanceNorm, BatchNormRule())

@@ -55,8 +55,11 @@ class CombineRule(Rule):
         out_ndim = v.ndim() if v.shapes else flow.ndim
         axes = flow.front_axes() if out_ndim is not None else None
         if shape is None or axes is None or out_ndim is None:
-            v.block(flow, f"{v.where} mixes the pruned channels with a tensor that no configured layer produces; "
-                          "configure both sides of a residual connection, or pass example_inputs so shapes are known")
+            hint = ("configure the layers on both sides of the residual connection" if self.additive else
+                    "configure the layer producing the other operand")
+            v.block(flow, f"{v.where} combines the pruned channels with a tensor whose channels fusion cannot follow "
+                          f"(an unconfigured layer or an op refused above); {hint}, or pass example_inputs so shapes "
+                          "are known")
             return
         offset = out_ndim - len(shape)
         along = [a - offset for a in axes]  # the other tensor's dim at each channel axis (< 0: absent)

@@ -82,6 +82,21 @@ def rule_for(module: nn.Module) -> Rule | None:
     return active().module_rule(module)
 
 
+def layer_widths(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """``{module fqn: (input width, output width)}`` for every module whose rule knows its widths (layers, per-channel
+    norms; a LayerNorm's last normalised dim; an LSTM's input size and hidden size).
+
+    Compare the result before and after ``prune()`` to see each layer's channels before -> after.
+    """
+    widths = {}
+    for name, module in model.named_modules():
+        rule = rule_for(module)
+        found = rule.widths(module) if rule is not None else None
+        if found is not None:
+            widths[name] = found
+    return widths
+
+
 def register_layer(layer_type: type[nn.Module], rule: Rule) -> None:
     """Teach fusion how ``layer_type``'s channels map and how to narrow it; subclasses inherit the rule.
 

@@ -1,0 +1,34 @@
+"""The Hydra app's entry point: ``python -m lightning_prune.app`` (or ``python examples/train.py``).
+
+The configs ship in the package (``lightning_prune/app/conf``, Hydra's ``pkg://`` search path), so a ``pip install``
+is enough to run it from any directory.
+"""
+
+import logging
+
+import hydra
+from omegaconf import DictConfig
+
+from lightning_prune.app.experiment import run
+
+CONFIG_PATH = "pkg://lightning_prune.app.conf"
+
+
+@hydra.main(config_path=CONFIG_PATH, config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> float:
+    """One run; returns the pruned model's validation accuracy, the value a Hydra sweeper would optimise."""
+    route_logs_to_hydra()
+    return run(cfg)["val_acc"]
+
+
+def route_logs_to_hydra() -> None:
+    """Send Lightning's log and Python warnings through the root logger that Hydra set up, so they reach both the
+    console and ``train.log``. Lightning gives its loggers a console handler of their own and stops them there
+    when it is imported before any logging is configured."""
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            if type(handler) is logging.StreamHandler:
+                logger.removeHandler(handler)
+        logger.propagate = True
+    logging.captureWarnings(True)
