@@ -22,15 +22,16 @@ from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
 from lightning_prune import inputs
-from lightning_prune.checkpoint import DetachingHook, masked_sparsity_of_file, reshape_for_load
+from lightning_prune.checkpoint import DetachingHook, reshape_for_load, stale_best_checkpoints
 from lightning_prune.errors import OutputReachedError, PruningConfigError
 from lightning_prune.fusion.plan import PruningPlan
 from lightning_prune.measure import count_params
 from lightning_prune.optim import carry_optimizer_state
 from lightning_prune.schedule import SparsityScheduler
 from lightning_prune.selection import check_patterns_match, checked_config, checked_patterns
-from lightning_prune.sparsifier import BaseStructuredSparsifier
+from lightning_prune.sparsifier import BaseStructuredSparsifier, StatisticsPruner
 from lightning_prune.sparsifier.explain import explain
+from lightning_prune.sparsifier.statistics import mean_over_ranks
 from lightning_prune.verify import fusion_summary, snapshot, try_forward, verdict
 
 _SHARDED = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
@@ -61,6 +62,12 @@ class StructuredPruning(Callback):
             channels, DDP is re-wrapped, and masks are re-attached while the schedule still has pruning to do.
         narrow_output: allow configured tensors whose channels reach the model's output, which changes its width (a
             classifier loses classes). Off by default: such a config is refused at ``setup``.
+        target: a cost budget replacing the pruner's ``sparsity_level``, ramped by the schedule: ``{"macs": 0.5}`` is
+            half the dense MACs on the example input (see :class:`~lightning_prune.sparsifier.budget.Budget`).
+
+    A :class:`~lightning_prune.sparsifier.statistics.StatisticsPruner` samples at ``on_before_optimizer_step``
+    (gradients accumulated, unscaled, DDP-averaged, not yet clipped), averages its statistics over DDP ranks before
+    each decision and keeps them in this callback's state.
 
     The example input (to check ``forward`` at setup, trace shapes, verify and count MACs) is the LightningModule's
     ``example_input_array`` when set, otherwise the first training batch's worth of samples (see
@@ -87,11 +94,17 @@ class StructuredPruning(Callback):
         exclude: Sequence[str] | None = None,
         shrink_every_n_steps: int | None = None,
         narrow_output: bool = False,
+        target: Mapping[str, Any] | None = None,
     ):
         if not isinstance(pruner, BaseStructuredSparsifier):
             raise PruningConfigError(
                 f"pruner must be a BaseStructuredSparsifier (e.g. SaliencyPruner(sparsity_level=0.5)), got {pruner!r}"
             )
+        if target is not None and shrink_every_n_steps is not None:
+            raise PruningConfigError("target and shrink_every_n_steps cannot be combined yet: a budget is relative to "
+                                     "the dense model, which a shrink replaces")
+        if target is not None:
+            pruner.use_budget(target)
         self.scheduler = SparsityScheduler(pruner, schedule, start_step, end_step, every_n_steps)
         if shrink_every_n_steps is not None and (isinstance(shrink_every_n_steps, bool) or
                                                  not isinstance(shrink_every_n_steps, int) or shrink_every_n_steps < 1):
@@ -111,6 +124,7 @@ class StructuredPruning(Callback):
         self._restored = False  # the schedule's position came from a checkpoint in this fit
         self._final_step: int | None = None
         self._fused_sparsity = 0.0
+        self._observed_step = -1
 
     # -- setup --------------------------------------------------------------------------------------------------
     @override
@@ -124,6 +138,9 @@ class StructuredPruning(Callback):
             return  # a second fit() continues with the same masks, or with the already narrowed model
         self._example = _example_input(trainer, pl_module)
         self._prepare(pl_module)
+        if isinstance(self.pruner, StatisticsPruner):
+            self.pruner.sample_at_optimizer_steps()
+            self.pruner.sync = mean_over_ranks if trainer.world_size > 1 else None
 
     def check(self, pl_module: pl.LightningModule, example_input: Any = None) -> list[str]:
         """Check the tensor selection against ``pl_module`` as ``setup`` would, on copies (the module and this
@@ -183,6 +200,13 @@ class StructuredPruning(Callback):
                            "end_step=0.75) or make the run longer.")
 
     # -- the schedule -------------------------------------------------------------------------------------------
+    @override
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        if isinstance(self.pruner, StatisticsPruner) and self.pruner.groups and not self.fused and \
+                trainer.global_step != self._observed_step:  # once per step, however many optimizers
+            self._observed_step = trainer.global_step
+            self.pruner.observe()
+
     @override
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
@@ -265,7 +289,8 @@ class StructuredPruning(Callback):
             if isinstance(callback, ModelCheckpoint) and callback.last_model_path:
                 trainer.save_checkpoint(callback.last_model_path, weights_only=callback.save_weights_only)
         if trainer.is_global_zero:
-            _warn_about_best_checkpoints(trainer, target)
+            for warning in stale_best_checkpoints(trainer.checkpoint_callbacks, target):
+                rank_zero_warn(f"StructuredPruning: {warning}")
 
     def fuse(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Remove the masked channels in place, check the result, and report what changed.
@@ -321,7 +346,9 @@ class StructuredPruning(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"fused": self.fused, "schedule": self.scheduler.state_dict()}
+        learnt = isinstance(self.pruner, StatisticsPruner) and self.pruner.model is not None
+        return {"fused": self.fused, "schedule": self.scheduler.state_dict(),
+                "statistics": self.pruner.state_dict()["statistics"] if learnt else None}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -334,6 +361,8 @@ class StructuredPruning(Callback):
                         "last_step": state_dict.get("applied_step", -1), "end": state_dict.get("end_step")}
         self.scheduler.load_state_dict(schedule)
         self._restored = self.scheduler.start is not None
+        if state_dict.get("statistics") is not None and self.pruner.model is not None:
+            self.pruner.load_state_dict({"statistics": state_dict["statistics"]})
 
 
 def _refuse_unsupported(trainer: pl.Trainer) -> None:
@@ -377,21 +406,6 @@ def _example_input(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
     if error:
         raise PruningConfigError(f"{name}.forward cannot run on {source}: {error}. {_EXAMPLE_HINT}")
     return example
-
-
-def _warn_about_best_checkpoints(trainer: pl.Trainer, target: float) -> None:
-    for callback in trainer.checkpoint_callbacks:
-        path = getattr(callback, "best_model_path", "")
-        if not path or not getattr(callback, "monitor", None) or path == callback.last_model_path:
-            continue
-        level = masked_sparsity_of_file(path)
-        if level is not None and level < target - 1e-6:
-            rank_zero_warn(
-                f"StructuredPruning: ModelCheckpoint's best checkpoint {path} was written at sparsity {level:.3f}, "
-                f"below the target {target:.3f} (before the schedule finished): it stands for a wider model than the "
-                "fused one. trainer.test(ckpt_path='best') refuses to widen this model; load that checkpoint on its "
-                "own with lightning_prune.load_pruned(MyModule(...), path)."
-            )
 
 
 @rank_zero_only

@@ -73,6 +73,25 @@ def masked_sparsity_of_file(path: str | os.PathLike) -> float | None:
     return masked_sparsity(checkpoint.get("state_dict", checkpoint))
 
 
+def stale_best_checkpoints(checkpoint_callbacks: list[Any], target: float) -> list[str]:
+    """A warning for each ModelCheckpoint whose best checkpoint was written below the sparsity ``target`` (before the
+    schedule finished): it stands for a wider model than the fused one."""
+    warnings = []
+    for callback in checkpoint_callbacks:
+        path = getattr(callback, "best_model_path", "")
+        if not path or not getattr(callback, "monitor", None) or path == callback.last_model_path:
+            continue
+        level = masked_sparsity_of_file(path)
+        if level is not None and level < target - 1e-6:
+            warnings.append(
+                f"ModelCheckpoint's best checkpoint {path} was written at sparsity {level:.3f}, below the target "
+                f"{target:.3f} (before the schedule finished): it stands for a wider model than the fused one. "
+                "trainer.test(ckpt_path='best') refuses to widen this model; load that checkpoint on its own with "
+                "lightning_prune.load_pruned(MyModule(...), path)."
+            )
+    return warnings
+
+
 def masked_config(state_dict: Mapping[str, torch.Tensor]) -> tuple[list[dict[str, Any]], set[str]]:
     """The pruner config that wrote a masked state dict: one entry per row mask, with ``prune_bias`` read from whether
     the layer's bias was masked too. Returns the config and the tensors whose ``prune_bias`` could not be told (a

@@ -33,8 +33,9 @@ METRIC_COLUMNS = (
 )
 #: The numbers every run's metrics.json must hold; the other columns may be missing.
 REQUIRED_KEYS = tuple(key for key in METRIC_COLUMNS if key not in ("pruner", "test_acc", "dense_test_acc"))
-#: Overrides that the table shows in their own columns anyway: the sweep's x axis and the pruner.
-SHOWN_OVERRIDES = {"pruner.sparsity_level", "pruner"}
+#: Overrides that the table shows in their own columns anyway: the sweep's x axis and the pruner. A budget
+#: (``+target.macs=r``) is an x axis too: its runs' ``sparsity_level`` is the fraction of the cost removed, 1 - r.
+SHOWN_OVERRIDES = {"pruner.sparsity_level", "pruner", "target.macs", "target.params"}
 
 
 class ReportError(Exception):
@@ -194,8 +195,11 @@ def plot(sweep: Sweep, path: Path) -> None:
         dense = [run.metrics.get(dense_key) for run in sweep.runs]
         if all(_is_number(value) for value in dense):
             axes.axhline(statistics.median(dense), color="gray", linestyle="--", label="dense (median)")
-    accuracy_axes.set(xlabel="sparsity level", ylabel=accuracy.replace("_acc", " accuracy"), title="Accuracy")
-    latency_axes.set(xlabel="sparsity level", ylabel="CPU latency (ms)", title="Latency")
+    budgets = {next(iter(run.metrics["target"].keys() & {"macs", "params"}), "cost")
+               for run in sweep.runs if isinstance(run.metrics.get("target"), dict)}
+    xlabel = f"fraction of dense {'/'.join(sorted(budgets))} removed (1 - target)" if budgets else "sparsity level"
+    accuracy_axes.set(xlabel=xlabel, ylabel=accuracy.replace("_acc", " accuracy"), title="Accuracy")
+    latency_axes.set(xlabel=xlabel, ylabel="CPU latency (ms)", title="Latency")
     for axes in (accuracy_axes, latency_axes):
         axes.grid(alpha=0.3)
         axes.legend()

@@ -185,6 +185,14 @@ def test_one_run_prunes_and_writes_complete_metrics(composed_run, tmp_path, over
     assert (written["last_pruning_step"], written["steps_after_last_pruning"]) == (2, 4)
 
 
+def test_a_mac_budget_run_lands_on_its_budget_and_says_so(composed_run, tmp_path):
+    written = composed_run([*TINY, "dense_baseline=false", "model=digits_resnet", "pruner=taylor",
+                            "+target.macs=0.25"])
+    assert written["target"] == {"macs": 0.25} and written["sparsity_level"] == 0.75
+    assert 0.23 <= written["macs_after"] / written["macs_before"] <= 0.25
+    assert summary_table(written).startswith("Pruned with taylor to the budget {'macs': 0.25}, then 4 steps")
+
+
 def test_both_summaries_count_macs_per_sample(composed_run, tmp_path):
     written = composed_run([*TINY, "dense_baseline=false"])
     one_image = DigitsDataModule().example_input(1)

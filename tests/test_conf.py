@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lightning_prune.callback import StructuredPruning
 from lightning_prune.errors import PruningConfigError
-from lightning_prune.sparsifier import BaseStructuredSparsifier, FPGMPruner, LSTMSaliencyPruner
+from lightning_prune.sparsifier import BaseStructuredSparsifier, Budget, FPGMPruner, LSTMSaliencyPruner
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "lightning_prune" / "app" / "conf"
 GROUP_OPTIONS = sorted((path.parent.name, path.stem) for path in CONF_DIR.glob("*/*.yaml"))
@@ -44,6 +44,8 @@ def test_every_group_has_its_options():
         ("pruner", "saliency"),
         ("pruner", "fpgm"),
         ("pruner", "lstm_saliency"),
+        ("pruner", "taylor"),
+        ("pruner", "activation"),
         ("schedule", "oneshot"),
         ("schedule", "linear"),
         ("schedule", "cubic"),
@@ -126,7 +128,23 @@ def test_lstm_experiment_pairs_the_lstm_with_tied_gates(tmp_path):
     assert selected == ["net.lstm.weight_ih_l0", "net.lstm.weight_hh_l0"]
 
 
-@pytest.mark.parametrize("pruner", ["saliency", "fpgm", "lstm_saliency"])
+@pytest.mark.parametrize("pruner", ["taylor", "activation", "saliency"])
+def test_a_budget_override_reaches_the_pruner_through_the_callback(pruner, tmp_path):
+    cfg = compose_app([f"pruner={pruner}", "+target.macs=0.25", "+target.multiple_of=4"], tmp_path)
+    callback = instantiate(cfg.callbacks.pruning)
+    assert callback.pruner.budget == Budget(macs=0.25, multiple_of=4)
+    assert callback.pruner.defaults["sparsity_level"] == 0.75  # the fraction of MACs removed, ramped by the schedule
+    assert compose_app([f"pruner={pruner}"], tmp_path).callbacks.pruning.target is None
+
+
+def test_budget_experiment_sweeps_pruners_and_mac_budgets(tmp_path):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=["experiment=budgets"], return_hydra_config=True)
+    assert cfg.hydra.mode == RunMode.MULTIRUN
+    assert cfg.hydra.sweeper.params["+target.macs"] == "0.5,0.25,0.1"
+
+
+@pytest.mark.parametrize("pruner", ["saliency", "fpgm", "lstm_saliency", "taylor", "activation"])
 def test_sparsity_level_is_a_real_key_of_every_pruner(pruner, tmp_path):
     cfg = compose_app([f"pruner={pruner}", "pruner.sparsity_level=0.25"], tmp_path)
     assert instantiate(cfg.pruner).defaults["sparsity_level"] == 0.25

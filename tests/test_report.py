@@ -4,6 +4,7 @@ import csv
 import json
 
 import pytest
+from matplotlib.axes import Axes
 
 from lightning_prune.report import CSV_FILE, PLOT_FILE, ReportError, load_sweep, main, markdown_table
 
@@ -140,3 +141,14 @@ def test_runs_without_test_accuracy_are_still_tabled_and_plotted(tmp_path):
     rows = table_rows(markdown_table(load_sweep(tmp_path)))
     assert rows[1][6] == ""
     assert (tmp_path / PLOT_FILE).read_bytes().startswith(PNG_MAGIC)
+
+
+def test_a_budget_sweep_plots_against_the_cost_removed(tmp_path, monkeypatch):
+    for k, budget in enumerate((0.5, 0.25)):
+        write_run(tmp_path, f"run{k}", 1 - budget, pruner="taylor", extra_overrides=[f"+target.macs={budget}"],
+                  target={"macs": budget})
+    assert load_sweep(tmp_path).varied_keys == []  # the budget is the x axis, not a column of its own
+    labels = []
+    monkeypatch.setattr(Axes, "set", lambda self, **kwargs: labels.append(kwargs.get("xlabel")))
+    assert main([str(tmp_path)]) == 0
+    assert labels == ["fraction of dense macs removed (1 - target)"] * 2

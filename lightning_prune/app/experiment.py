@@ -65,8 +65,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     trainer.save_checkpoint(output_dir / CHECKPOINT_FILE, weights_only=False)
 
     hydra_cfg = HydraConfig.get()
+    target = cfg.get("target")
     metrics = {
-        "sparsity_level": cfg.pruner.sparsity_level,
+        # with a budget (+target.macs=...), the fraction of the dense cost removed: 1 - the budget
+        "sparsity_level": pruning.pruner.defaults["sparsity_level"],
+        "target": None if target is None else OmegaConf.to_container(target),
         "pruner": hydra_cfg.runtime.choices["pruner"],
         "model": hydra_cfg.runtime.choices["model"],
         "schedule": cfg.schedule.name,
@@ -145,7 +148,9 @@ def _headline(metrics: dict[str, Any]) -> str:
         reason = "no tensor was selected" if not metrics.get("pruned_tensors") else \
             f"the masks removed no channel (sparsity_level {metrics['sparsity_level']})"
         return f"Nothing was pruned with {metrics['pruner']}: {reason}; the model is the dense one."
-    headline = f"Pruned with {metrics['pruner']} at sparsity {metrics['sparsity_level']}"
+    target = metrics.get("target")
+    level = f"to the budget {target}" if target else f"at sparsity {metrics['sparsity_level']}"
+    headline = f"Pruned with {metrics['pruner']} {level}"
     if metrics.get("schedule_completed") is False:
         return headline + " (the schedule was cut short: the rest of the target was applied at the end, unrecovered):"
     after = metrics.get("steps_after_last_pruning")

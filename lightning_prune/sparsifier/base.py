@@ -138,6 +138,16 @@ class BaseStructuredSparsifier(abc.ABC):
         self.state = {fqn: {"mask": parametrization.mask} for fqn, parametrization in masks.items()}
         self.model, self.plan, self.pruned = model, plan, False
 
+    def use_budget(self, target: Any) -> None:
+        """Prune to a cost budget instead of ``sparsity_level``: only pruners that score channels can (see
+        :meth:`ScoringPruner.use_budget`).
+
+        Raises:
+            PruningConfigError: always, here.
+        """
+        raise PruningConfigError(f"{type(self).__name__} cannot prune to a budget (target={target!r}): use a pruner "
+                                 "that scores channels (SaliencyPruner, FPGMPruner, TaylorPruner, ActivationPruner)")
+
     def check_plan(self, plan: PruningPlan, groups: list[dict[str, Any]]) -> None:
         """Refuse, before any mask is attached, a plan this pruner cannot work with (raise PruningConfigError or
         UnsupportedPatternError naming the fix). The default accepts every plan."""

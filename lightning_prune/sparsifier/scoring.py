@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_prune.errors import PruningConfigError
+from lightning_prune.errors import PrunerStateError, PruningConfigError
 from lightning_prune.fusion.cost import CostModel
 from lightning_prune.fusion.plan import Member, PruningPlan
 from lightning_prune.masks import row_mask
@@ -89,17 +89,30 @@ class ScoringPruner(BaseStructuredSparsifier):
         """One importance score per row of ``weight`` (higher is kept)."""
 
     def __init__(self, defaults: dict[str, Any] | None = None, *, target: Any = None, **kwargs: Any):
-        self.budget = None if target is None else Budget.parse(target)
-        if self.budget is not None:
-            if "sparsity_level" in (defaults or {}) or "sparsity_level" in kwargs:
-                raise PruningConfigError(
-                    f"{type(self).__name__}: give either sparsity_level (the same fraction of every layer) or target "
-                    f"(a {self.budget.metric} budget), not both")
-            kwargs["sparsity_level"] = 1.0 - self.budget.ratio
+        budget = None if target is None else Budget.parse(target)
+        if budget is not None and ("sparsity_level" in (defaults or {}) or "sparsity_level" in kwargs):
+            raise PruningConfigError(
+                f"{type(self).__name__}: give either sparsity_level (the same fraction of every layer) or target "
+                f"(a {budget.metric} budget), not both")
         super().__init__(defaults, **kwargs)
+        self.budget: Budget | None = None
         #: the cost model of the budget and, after each step(), the fraction of the dense cost reached
         self.cost: CostModel | None = None
         self.budget_reached: float | None = None
+        if budget is not None:
+            self.use_budget(budget)
+
+    def use_budget(self, target: Any) -> None:
+        """Prune to a cost budget (see ``target``) instead of ``sparsity_level``, which becomes ``1 - target``. The
+        Lightning callback's ``target`` calls this before ``prepare()``.
+
+        Raises:
+            PruningConfigError: a bad target, or the pruner is already prepared.
+        """
+        if self.model is not None and not self.pruned:
+            raise PrunerStateError("use_budget() must come before prepare()")
+        self.budget = Budget.parse(target)
+        self.defaults["sparsity_level"] = 1.0 - self.budget.ratio
 
     def check_plan(self, plan: PruningPlan, groups: list[dict[str, Any]]) -> None:
         budget = self.budget

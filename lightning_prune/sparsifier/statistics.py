@@ -20,6 +20,7 @@ pruners do.
 from __future__ import annotations
 
 import numbers
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -57,6 +58,9 @@ class StatisticsPruner(ScoringPruner):
         self._average: torch.Tensor | None = None
         self._counts: torch.Tensor | None = None
         self._handles: list[RemovableHandle] = []
+        #: called with :meth:`statistics` before every decision, its result loaded: e.g. :func:`mean_over_ranks`
+        #: (every rank must then decide at the same points; the Lightning callback sets it under DDP)
+        self.sync: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def row_scores(self, weight: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} scores channels from training statistics, not weights")
@@ -139,6 +143,9 @@ class StatisticsPruner(ScoringPruner):
         return torch.where(self._counts > 0, average / correction.clamp_min(1e-300), 0.0).float()
 
     def update_masks(self) -> None:
+        self.values()  # nothing seen yet: raise before any collective call
+        if self.sync is not None:
+            self.load_statistics(self.sync(self.statistics()))
         self._scores = self.values()
         try:
             super().update_masks()
@@ -158,8 +165,8 @@ class StatisticsPruner(ScoringPruner):
             torch.distributed.all_reduce(values)                   # every rank must call it at the same point
             pruner.load_statistics(values / torch.distributed.get_world_size())
 
-        Lightning: ``pruner.load_statistics(trainer.strategy.reduce(pruner.statistics(), reduce_op="mean"))``. The
-        ranks must have taken the same number of samples (DDP steps them together).
+        or set ``pruner.sync = mean_over_ranks`` to have every ``step()`` do it. The ranks must have taken the same
+        number of samples (DDP steps them together).
         """
         self._require_prepared("statistics()")
         return self._average.clone() if self._average is not None else self.new_sample(torch.device("cpu"))[0]
@@ -198,6 +205,15 @@ class StatisticsPruner(ScoringPruner):
             return
         self.load_statistics(saved["average"])
         self._counts = saved["counts"].clone().long()
+
+
+def mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    """The mean of ``values`` over the ranks of the default process group (all-reduce SUM, then divide: gloo has no
+    AVG). A collective: every rank must call it. NCCL needs ``values`` on the rank's GPU, where the pruner gathers
+    them when the model trains there."""
+    total = values.clone()
+    torch.distributed.all_reduce(total)
+    return total / torch.distributed.get_world_size()
 
 
 def masked_tensors(pruner: ScoringPruner) -> list[tuple[torch.Tensor, int, torch.Tensor]]:
