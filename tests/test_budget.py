@@ -42,17 +42,18 @@ def test_a_budget_lands_within_two_percent_of_the_dense_cost(model_class, metric
     assert reached == pytest.approx(pruner.budget_reached)  # the cost model is exact for these layers
 
 
-def test_global_ranking_differs_from_uniform_and_weighs_cost():
-    """Global allocation removes more of the layers whose channels cost most per unit of score."""
+def test_global_ranking_differs_from_uniform_which_auto_picks_for_weight_norms():
+    """Global allocation removes more of the layers whose channels cost most per unit of score; "auto" keeps L1 norms,
+    which mean nothing across layers, uniform (Taylor's loss changes go global: see the test below)."""
     widths = {}
-    for allocation in ("global", "uniform"):
+    for allocation in ("global", "uniform", "auto"):
         model = DigitsCNN()
         pruner = SaliencyPruner(target={"macs": 0.25, "allocation": allocation})
         pruner.prepare(model, None, exclude_output=True, example_inputs=IMAGES)
         pruner.step()
         pruner.prune()
         widths[allocation] = [model.features[i].out_channels for i in (0, 3, 7)]
-    assert widths["global"] != widths["uniform"]
+    assert widths["global"] != widths["uniform"] == widths["auto"]
     first, second, third = (w / d for w, d in zip(widths["uniform"], (16, 32, 64), strict=True))
     assert max(first, second, third) - min(first, second, third) < 0.1  # uniform: the same fraction everywhere
 
@@ -108,7 +109,7 @@ def test_budget_takes_its_class_or_a_dict():
     ({"min_channels": 2}, "exactly one of 'macs' or 'params'.*neither"),
     ({"macs": 0.5, "multiple_of": 0}, "multiple_of must be an int >= 1"),
     ({"macs": 0.5, "min_channels": 1.5}, "min_channels must be an int >= 1"),
-    ({"macs": 0.5, "allocation": "local"}, r"allocation must be one of \['global', 'uniform'\]"),
+    ({"macs": 0.5, "allocation": "local"}, r"allocation must be one of \['auto', 'global', 'uniform'\]"),
     (0.5, "target must be a dict such as"),
 ])
 def test_bad_budgets_fail_at_construction_naming_the_fix(target, match):
@@ -136,3 +137,20 @@ def test_budget_problems_found_at_prepare_leave_the_model_untouched():
         SaliencyPruner(target={"macs": 0.1, "min_channels": 32}).prepare(
             model, None, exclude_output=True, example_inputs=IMAGES)
     assert not any(hasattr(m, "parametrizations") for m in model.modules())
+
+
+def test_taylor_scores_are_compared_across_layers_as_loss_changes():
+    """Under a budget, Taylor's scores are ranked as they are: a layer whose channels barely change the loss goes
+    first, however its scores compare with its neighbours' (a per-layer normalisation would hide that)."""
+    model = DigitsCNN()
+    pruner = TaylorPruner(target={"macs": 0.55})
+    pruner.prepare(model, None, exclude_output=True, example_inputs=IMAGES)
+    model(IMAGES).sum().backward()
+    values = torch.ones(pruner.plan.groups.size)
+    first = next(m for m in pruner.plan.members if m.tensor_fqn == "features.0.weight")
+    values[first.labels] = 1e-6 * torch.arange(1, 17, dtype=torch.float32)
+    pruner.load_statistics(values)
+    pruner.step()
+    pruner.prune()
+    assert model.features[0].out_channels <= 2
+    assert model.features[3].out_channels == 32 and model.features[7].out_channels >= 60

@@ -4,12 +4,16 @@ A :class:`Budget` replaces ``sparsity_level``: instead of every layer losing the
 pruner removes classes of channels (a channel, a head, a GroupNorm group, a residual-stream channel) until the cost
 fits. Costs come from :class:`~lightning_prune.fusion.cost.CostModel`, exact for the layers it counts.
 
-``allocation="global"`` (the default) ranks classes across all coupled sets. Each set's class scores are divided by
-their mean over its kept, removable classes, so a set's scores average 1 whatever the scale of its layers (the
-normalisation Torch-Pruning's global pruning also uses). A class then costs its normalised score per unit of cost it
-saves, and the cheapest go first (greedy knapsack), re-measuring the exact cost after each pass and finally putting
-back the most valuable removals that still fit. ``allocation="uniform"`` removes the same fraction of every set's
-classes, the smallest fraction that fits (found by bisection), then puts back what still fits as above.
+``allocation="global"`` ranks classes across all coupled sets by score per unit of cost saved, the
+cheapest first (a greedy knapsack, as HALP does with Taylor importance and latency: Shen et al., "Structural Pruning
+via Latency-Saliency Knapsack", NeurIPS 2022), re-measuring the exact cost after each pass and finally putting back
+the most valuable removals that still fit. Scores in loss units (Taylor's) are compared as they are. Other scores
+(norms, distances, activations) mean nothing across layers, so each set's are first divided by their mean over its
+kept, removable classes (Torch-Pruning's "mean" normaliser): every set then averages 1, and the cost decides more.
+``allocation="uniform"`` removes the same fraction of every set's classes, the smallest fraction that fits (found by
+bisection), then puts back what still fits as above. ``allocation="auto"`` (the default) is global for scores in loss
+units and uniform for the others: in ``benchmarks/study.py`` (see benchmarks/RESULTS.md) global ranking of normalised
+norms, distances and activations cost 5-17 points of accuracy at a quarter of the MACs, global Taylor none.
 
 Minimum widths: every configured layer keeps at least ``min_channels`` channels (and always one), and with
 ``multiple_of`` a width that is a multiple of it (or its full width). Classes removed earlier stay removed, so a budget
@@ -33,7 +37,7 @@ from lightning_prune.fusion.cost import CostModel
 if TYPE_CHECKING:
     from lightning_prune.sparsifier.scoring import ClassSet
 
-ALLOCATIONS = ("global", "uniform")
+ALLOCATIONS = ("auto", "global", "uniform")
 #: how far below the budget (a fraction of the dense cost) a removal may overshoot before smaller ones are tried
 TOLERANCE = 0.01
 
@@ -47,7 +51,7 @@ class Budget:
         params: the same for parameters. Give exactly one of ``macs`` and ``params``.
         min_channels: the fewest channels a configured layer keeps, an int >= 1.
         multiple_of: keep each layer's width a multiple of this (e.g. 8 for tensor cores), an int >= 1.
-        allocation: ``"global"`` or ``"uniform"`` (see the module docstring).
+        allocation: ``"auto"``, ``"global"`` or ``"uniform"`` (see the module docstring).
 
     Raises:
         PruningConfigError: neither or both of ``macs``/``params``, a fraction outside (0, 1], a bad width floor or
@@ -58,7 +62,7 @@ class Budget:
     params: float | None = None
     min_channels: int = 1
     multiple_of: int = 1
-    allocation: str = "global"
+    allocation: str = "auto"
 
     def __post_init__(self) -> None:
         given = {k: v for k, v in (("macs", self.macs), ("params", self.params)) if v is not None}
@@ -113,20 +117,21 @@ class _Set:
 
 
 def allocate(sets: list[tuple[ClassSet, torch.Tensor]], cost: CostModel, budget: Budget, kept: torch.Tensor,
-             ratio: float) -> float:
+             ratio: float, normalise: bool = True) -> float:
     """Remove classes from ``kept`` (a bool per channel id, at class roots; changed in place) until the cost is at
     most ``ratio`` of dense, and return the cost reached. ``sets`` pair each coupled set with its class scores
-    (removed classes -inf, blocked +inf). Returns more than the target only where the width floors forbid it."""
-    views = [_view(cs, scores, budget) for cs, scores in sets]
+    (removed classes -inf, blocked +inf); ``normalise=False`` ranks them as they are (scores in the same units
+    everywhere). Returns more than the target only where the width floors forbid it."""
+    views = [_view(cs, scores, budget, normalise) for cs, scores in sets]
     target = ratio * cost.dense
-    if budget.allocation == "uniform":
+    if budget.allocation == "uniform" or budget.allocation == "auto" and normalise:
         return _uniform(views, cost, kept, target)
     return _global(views, cost, kept, target)
 
 
-def _view(cs: ClassSet, scores: torch.Tensor, budget: Budget) -> _Set:
+def _view(cs: ClassSet, scores: torch.Tensor, budget: Budget, normalise: bool) -> _Set:
     movable = cs.kept & cs.free
-    base = scores[movable].abs().mean() if movable.any() else torch.tensor(1.0)
+    base = scores[movable].abs().mean() if movable.any() and normalise else torch.tensor(1.0)
     normalised = torch.where(movable, scores / base.clamp_min(torch.finfo(torch.float32).tiny), scores)
     order = movable.nonzero().flatten()
     order = order[normalised[order].argsort(stable=True)]

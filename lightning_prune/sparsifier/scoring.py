@@ -83,6 +83,10 @@ class ScoringPruner(BaseStructuredSparsifier):
     hyperparameters = frozenset({"sparsity_level", "prune_bias"})
     #: whether a row's score depends on the other rows (FPGM's distances do; a norm does not)
     rows_interact = False
+    #: whether scores are in the same units in every layer (Taylor's are loss changes), so a class sums its members'
+    #: scores as they are and a budget ranks classes across layers without normalising them; otherwise (norms,
+    #: distances, activation magnitudes) each member, and each coupled set under a budget, is scaled to mean 1
+    comparable_scores = False
 
     @abc.abstractmethod
     def row_scores(self, weight: torch.Tensor) -> torch.Tensor:
@@ -164,7 +168,7 @@ class ScoringPruner(BaseStructuredSparsifier):
         level = max((g["sparsity_level"] for g in self.groups), default=0.0)
         sets = [(cs, self.class_scores(cs)) for cs in (self.class_set(m) for m in self.plan.coupled_members())]
         kept = self._kept.clone()
-        reached = allocate(sets, self.cost, self.budget, kept, 1.0 - level)
+        reached = allocate(sets, self.cost, self.budget, kept, 1.0 - level, normalise=not self.comparable_scores)
         for cs, _ in sets:
             cs.write(kept[cs.classes])
         self.budget_reached = reached / self.cost.dense
@@ -202,11 +206,15 @@ class ScoringPruner(BaseStructuredSparsifier):
     def channel_scores(self, members: list[Member], index: list[torch.Tensor], kept: torch.Tensor,
                        count: int) -> torch.Tensor:
         """Each class's score: the sum over members of the scores of its rows (:meth:`member_row_scores`), each
-        member scaled to mean 1 over its kept classes so layers of different magnitude weigh the same."""
+        member scaled to mean 1 over its kept classes so layers of different magnitude weigh the same (unless
+        :attr:`comparable_scores`)."""
         total = torch.zeros(count)
         for member, idx in zip(members, index, strict=True):
             row_scores = self.member_row_scores(member, kept[idx])
             scores = torch.zeros(count).index_add_(0, idx, row_scores.float().cpu())
+            if self.comparable_scores:
+                total += scores
+                continue
             touched = torch.zeros(count, dtype=torch.bool)
             touched[idx] = True
             base = scores[touched & kept] if (touched & kept).any() else scores[touched]

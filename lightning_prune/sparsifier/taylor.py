@@ -21,8 +21,9 @@ class TaylorPruner(StatisticsPruner):
     ``prune_bias`` (the default), its bias and the per-channel affine after it (a BatchNorm's weight and bias).
     The first-order change of the loss is ``sum_{w in c} w * dL/dw``; per batch the pruner records its square
     (Molchanov et al. eq. 8, the contribution of a group of parameters), and averages it over batches as
-    :mod:`~lightning_prune.sparsifier.statistics` describes. A class that spans several producers (a residual
-    stream) sums its members' scores, each scaled to mean 1.
+    :mod:`~lightning_prune.sparsifier.statistics` describes. The scores are loss changes, comparable across layers:
+    a class that spans several producers (a residual stream) sums its members' scores as they are, and a budget ranks
+    them across layers without normalising.
 
     With a BatchNorm after the layer the weight rows carry almost no signal (in training mode the normalisation
     makes the loss invariant to their scale, so ``sum w * dL/dw`` is ~0) and the affine's terms carry it: the
@@ -47,6 +48,7 @@ class TaylorPruner(StatisticsPruner):
     """
 
     needs = "at least one forward and backward pass"
+    comparable_scores = True  # loss changes: summed across a class's members and ranked across layers as they are
 
     def __init__(self, defaults: dict[str, Any] | None = None, *, sample: str = "backward", **kwargs: Any):
         if sample not in SAMPLE_POINTS:
