@@ -67,3 +67,16 @@ def test_errors_fit_a_table_cell_and_keep_the_reason_at_the_end():
     assert run._error(ValueError("short")) == "ValueError: short"
     long = run._error(Exception("Error: " + "x" * 200 + " still contains masks!"))
     assert len(long) < 130 and long.endswith("still contains masks!")
+
+
+def test_the_study_runs_ours_and_torch_pruning_to_the_same_budget():
+    from benchmarks import study
+
+    protocol = study.Protocol(pretrain_epochs=1, ticks=1, steps_per_tick=2, finetune_steps=1)
+    rows = study.study([0], (0.5,), ["Taylor global", "TP Taylor"], protocol, log=lambda line: None)
+    assert [(r["model"], r["method"]) for r in rows] == [(m, method) for m in study.MODELS
+                                                          for method in ("Taylor global", "TP Taylor")]
+    for row in rows:
+        assert 0.4 <= row["macs"] <= 0.5 and 0 <= row["accuracy"] <= 1, row
+    table = study.markdown(rows)
+    assert "| Taylor global | " in table and "MACs ≤ 0.5" in table
