@@ -13,7 +13,7 @@ kept, removable classes (Torch-Pruning's "mean" normaliser): every set then aver
 ``allocation="uniform"`` removes the same fraction of every set's classes, the smallest fraction that fits (found by
 bisection), then puts back what still fits as above. ``allocation="auto"`` (the default) is global for scores in loss
 units and uniform for the others: in ``benchmarks/study.py`` (see benchmarks/RESULTS.md) global ranking of normalised
-norms, distances and activations cost 5-17 points of accuracy at a quarter of the MACs, global Taylor none.
+norms, distances and activations cost 4-16 points of accuracy at a quarter of the MACs, global Taylor none.
 
 Minimum widths: every configured layer keeps at least ``min_channels`` channels (and always one), and with
 ``multiple_of`` a width that is a multiple of it (or its full width). Classes removed earlier stay removed, so a budget
