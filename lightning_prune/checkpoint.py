@@ -47,7 +47,8 @@ def narrow_to_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor
             if hasattr(rule, "sync"):
                 rule.sync(module)
             changed.append(name)
-    return changed
+    synced = registry.sync_containers(model, [model.get_submodule(name) for name in changed])
+    return changed + [name for name, module in model.named_modules() if any(module is s for s in synced)]
 
 
 def dense_view(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
