@@ -19,6 +19,7 @@ import linecache
 import os
 import re
 import sys
+import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -255,6 +256,14 @@ def module_path(path: str, modules: dict[str, nn.Module]) -> str | None:
     cleaned = re.sub(r"\['([^']+)'\]", r".\1", cleaned).strip(".")
     cleaned = cleaned.replace("._modules.", ".")
     return cleaned if cleaned in modules else None
+
+
+def user_frame(frames: list[traceback.FrameSummary]) -> str | None:
+    """The innermost of ``frames`` (a traceback) in the model's own code, outside torch and this package."""
+    for frame in reversed(frames):
+        if not any(part in frame.filename for part in _OWN):
+            return f"{frame.filename}:{frame.lineno}: {(frame.line or '').strip()}"
+    return None
 
 
 def _export_source(node: fx.Node) -> str | None:
