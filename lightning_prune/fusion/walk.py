@@ -82,6 +82,7 @@ class Walk:
     actions: list[tuple[nn.Module, Any, Any]] = field(default_factory=list)  # rule-specific narrowing records
     frozen: dict[int, str] = field(default_factory=dict)  # id(tensor) -> why it must keep its shape
     holders: dict[int, list[tuple[nn.Module, str, str]]] = field(default_factory=dict)  # id -> (module, fqn, name)
+    notes: dict[str, Any] = field(default_factory=dict)  # what a rule tells the rule of a later node, by node name
 
 
 def walk(model: nn.Module, traced: Traced) -> Walk:

@@ -26,7 +26,8 @@ from torch import nn
 
 from lightning_prune.fusion.layout import FIXED, Layout, expand_to, from_full
 from lightning_prune.fusion.rules.base import Rule, RuleKind
-from lightning_prune.fusion.rules.registry import aten, register_functions
+from lightning_prune.fusion.rules.registry import active, aten, register_functions
+from lightning_prune.fusion.rules.scores import follow
 
 #: a position broadcast from size 1 (or a dim the operand lacks): it joins with nothing
 NONE = -2
@@ -54,10 +55,20 @@ class Operand:
 
     def __init__(self, v, arg):
         self.arg = arg
-        self.layout = v.layout(arg)
         self.shape = v.shape(arg)
-        self.small = None if self.layout is None or self.shape is None else expand_to(
-            self.layout, tuple(s if d in self.layout.axes else 1 for d, s in enumerate(self.shape)))
+        self.known = True  # whether its values are a channel-carrying input's (constants) rather than run-time
+        self._label(v.layout(arg))
+
+    def _label(self, layout: Layout | None) -> None:
+        self.layout = layout
+        self.small = None if layout is None or self.shape is None else expand_to(
+            layout, tuple(s if d in layout.axes else 1 for d, s in enumerate(self.shape)))
+
+    def weigh(self, labels: torch.Tensor, normalised: bool) -> None:
+        """Attention weights whose scores carried ``labels`` (see :mod:`.scores`): they take the heads' labels, and a
+        removed head's weights sum to one over the keys when ``normalised``."""
+        self._label(_output(labels))
+        self.known = normalised
 
     @property
     def ndim(self) -> int:
@@ -92,8 +103,10 @@ class Operand:
     def values(self, v, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """This operand's constants (``inputs`` holds one per channel-carrying input node) at its ``small`` shape,
         or ones for a run-time tensor."""
-        if self.layout is None:
+        if self.layout is None or not self.known:
             return torch.ones([1] * self.ndim, dtype=torch.float64)
+        if not isinstance(v.value(self.arg), Layout):  # normalised weights: each query's sum to one over the keys
+            return torch.full([1] * self.ndim, 1.0 / self.shape[-1], dtype=torch.float64)
         nodes = [a for a in v.node.all_input_nodes if isinstance(v.value(a), Layout)]
         values = inputs[nodes.index(self.arg)]
         view = [1] * self.ndim
@@ -231,7 +244,17 @@ class MatmulRule(AttentionRule):
 
     def operands(self, v) -> tuple[Operand, Operand]:
         second = v.arg(1, "other")
-        return Operand(v, v.arg(0, "input")), Operand(v, second if second is not None else v.arg(1, "mat2"))
+        a, b = Operand(v, v.arg(0, "input")), Operand(v, second if second is not None else v.arg(1, "mat2"))
+        weights = v.state.notes.get(v.node.name)
+        if weights is not None and a.layout is None:
+            a.weigh(*weights)
+        return a, b
+
+    @staticmethod
+    def second(node) -> bool:
+        """Whether ``node`` is a matmul (the one that weights the values)."""
+        rule = active().function_rule(node.target) if node.op in ("call_function", "call_method") else None
+        return isinstance(rule, MatmulRule)
 
     def visit(self, v) -> None:
         a, b = operands = self.operands(v)
@@ -261,7 +284,13 @@ class MatmulRule(AttentionRule):
         part_a, part_b = self._parts(a, b, rank)
         _join(v, part_a, part_b)
         part_a, part_b = torch.broadcast_tensors(part_a, part_b)
-        v.set(_output(torch.where(part_b >= 0, part_b, part_a)))
+        labels = torch.where(part_b >= 0, part_b, part_a)
+        if contracted and heads:
+            found = follow(v, v.node, heads, self.second)
+            if found is not None:  # scores whose every use is per head (rules/scores.py): no labels of their own
+                v.state.notes[found[0].name] = (labels, found[1])
+                return
+        v.set(_output(labels))
 
     @staticmethod
     def _parts(a: Operand, b: Operand, rank: int) -> list[torch.Tensor]:
@@ -286,7 +315,7 @@ class MatmulRule(AttentionRule):
             out = out * a.shape[-1]
         part_a, part_b = torch.broadcast_tensors(*self._parts(a, b, rank))
         result = _at(v.state.values[v.node.name], part_a.shape, out)
-        runtime = a.layout is None or b.layout is None
+        runtime = not (a.known and b.known) or a.layout is None or b.layout is None
         return result, (result != 0) if runtime else False
 
 
