@@ -60,8 +60,7 @@ class ScoringPruner(BaseStructuredSparsifier):
         for idx, mask in zip(index, masks, strict=True):
             kept_before.scatter_reduce_(0, idx, mask.cpu().long(), "amax")
         kept_before = kept_before.bool()
-        blocked = torch.tensor(sorted(plan.groups.blocked_classes()), dtype=torch.long)
-        free = ~torch.isin(classes, blocked)
+        free = ~plan.groups.blocked_mask()[classes]
         scores = self.channel_scores(members, index, kept_before, classes.numel())
         scores = scores.masked_fill(~kept_before, float("-inf")).masked_fill(~free, float("inf"))
         count = int(free.sum())
