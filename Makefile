@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install '$(TORCH)'
-	$(PY) -m pip install -e '.[dev,examples]'
+	$(PY) -m pip install -e '.[dev,examples,test]'
 	touch $@
 
 demo: $(STAMP)

@@ -3,7 +3,7 @@
 from lightning_prune.callback import StructuredPruning
 from lightning_prune.checkpoint import load_pruned, narrow_to_state_dict
 from lightning_prune.errors import PrunerStateError, PruningConfigError, UnsupportedPatternError
-from lightning_prune.fusion import ChannelwiseRule, ElementwiseRule, LayerRule, Rule, register_layer
+from lightning_prune.fusion import ChannelwiseRule, ContainerRule, ElementwiseRule, LayerRule, Rule, register_layer
 from lightning_prune.masks import FakeStructuredSparsity
 from lightning_prune.sparsifier import (
     BaseStructuredSparsifier,
@@ -16,6 +16,7 @@ from lightning_prune.sparsifier import (
 __all__ = [
     "BaseStructuredSparsifier",
     "ChannelwiseRule",
+    "ContainerRule",
     "ElementwiseRule",
     "FPGMPruner",
     "FakeStructuredSparsity",
