@@ -106,7 +106,7 @@ class StructuredPruning(Callback):
         if self.fused or self.pruner.model is not None:
             return  # a second fit() continues with the same masks, or with the already narrowed model
         self.pruner.prepare(pl_module, self.config, include=self.include, exclude=self.exclude,
-                            exclude_output=self.config is None)
+                            exclude_output=self.config is None, example_inputs=_example_inputs(pl_module))
         if not self.pruner.groups:
             rank_zero_warn("StructuredPruning found no prunable layer; training continues dense")
         self._targets = {g["tensor_fqn"]: g["sparsity_level"] for g in self.pruner.groups}
@@ -171,7 +171,7 @@ class StructuredPruning(Callback):
 
     def _prepare_again(self, pl_module: pl.LightningModule) -> None:
         """Masks back on the narrowed layers, each group continuing toward its target (relative to its old width)."""
-        self.pruner.prepare(pl_module, self._resolved_config)
+        self.pruner.prepare(pl_module, self._resolved_config, example_inputs=_example_inputs(pl_module))
         for group in self.pruner.groups:
             group["sparsity_level"] = 0.0
 
@@ -378,3 +378,9 @@ def _summary(before: dict, after: dict, measured_before: tuple, measured_after: 
     if measured_before[1] is not None:
         lines.append(f"MACs   {measured_before[1]:,} -> {measured_after[1]:,}")
     return "\n".join(lines)
+
+
+def _example_inputs(pl_module) -> Any:
+    """Lightning's ``example_input_array``: with it, models torch.fx cannot trace (transformers) are read with
+    torch.export."""
+    return getattr(pl_module, "example_input_array", None)

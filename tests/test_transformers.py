@@ -211,3 +211,27 @@ def test_attention_weights_that_are_used_keep_the_heads():
     model = ReturnsWeights()
     with pytest.raises(UnsupportedPatternError, match="averaged over its heads"):
         SaliencyPruner().prepare(model, [{"tensor_fqn": "attn.in_proj_weight"}])
+
+
+def test_vit_digits_trains_with_the_callback_and_is_pruned_exactly_at_fit_end():
+    """The app's model=hf_vit_digits: a transformers ViT read through torch.export from the module's
+    example_input_array; heads and MLP widths go at fit end, checked by verify=True."""
+    from lightning.pytorch import Trainer
+
+    from lightning_prune import StructuredPruning
+    from lightning_prune.app import DigitsDataModule, LitClassifier
+    from lightning_prune.app.hf import vit_digits
+
+    datamodule = DigitsDataModule(batch_size=32)
+    datamodule.setup()
+    module = LitClassifier(vit_digits(hidden_size=32, num_layers=1, intermediate_size=64),
+                           lambda params: torch.optim.AdamW(params, lr=3e-3))
+    module.example_input_array = datamodule.example_input(8)
+    pruning = StructuredPruning(SaliencyPruner(sparsity_level=0.5), schedule="oneshot", start_step=2, verify=True)
+    trainer = Trainer(accelerator="cpu", max_steps=4, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, callbacks=[pruning])
+    trainer.fit(module, datamodule=datamodule)
+    layer = module.net.model.vit.layers[0]
+    assert pruning.fused and layer.attention.num_attention_heads == 2 and layer.mlp.fc1.out_features == 32
+    assert module.net.model.classifier.out_features == 10
+    assert module(datamodule.example_input(4)).shape == (4, 10)
