@@ -235,3 +235,20 @@ def test_vit_digits_trains_with_the_callback_and_is_pruned_exactly_at_fit_end():
     assert pruning.fused and layer.attention.num_attention_heads == 2 and layer.mlp.fc1.out_features == 32
     assert module.net.model.classifier.out_features == 10
     assert module(datamodule.example_input(4)).shape == (4, 10)
+
+
+def test_a_per_head_mask_computed_at_run_time_keeps_the_heads():
+    class PerHeadMask(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv, self.out = nn.Linear(16, 48), nn.Linear(16, 16)
+
+        def forward(self, x):
+            b, t, _ = x.shape
+            q, k, v = (p.view(b, t, -1, 4).transpose(1, 2) for p in self.qkv(x).chunk(3, -1))
+            bias = torch.arange(4.0).view(1, 4, 1, 1) * torch.ones(t, t)  # one bias per head, made at run time
+            y = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+            return self.out(y.transpose(1, 2).reshape(b, t, -1))
+
+    with pytest.raises(UnsupportedPatternError, match="per-head mask"):
+        SaliencyPruner().prepare(PerHeadMask(), [{"tensor_fqn": "qkv.weight"}], example_inputs=torch.randn(2, 5, 16))

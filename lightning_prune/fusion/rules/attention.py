@@ -22,7 +22,7 @@ import operator
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import fx, nn
 
 from lightning_prune.fusion.layout import FIXED, Layout, expand_to, from_full
 from lightning_prune.fusion.rules.base import Rule, RuleKind
@@ -198,28 +198,31 @@ class SdpaRule(AttentionRule):
 
     def visit(self, v) -> None:
         q, k, val = operands = self.operands(v)
-        mask = v.layout(v.arg(3, "attn_mask"))
-        if mask is not None:
-            v.block(mask, f"{v.where} takes the pruned channels as its attention mask")
-        if all(op.layout is None for op in operands):
+        mask = v.arg(3, "attn_mask")
+        tracked = [*operands, Operand(v, mask)] if isinstance(mask, fx.Node) else list(operands)
+        if all(op.layout is None for op in tracked):
             return
-        if not v.shapes or any(op.shape is None for op in operands):
-            self.refuse(v, operands, "attends over pruned channels whose shapes are not known; pass example_inputs")
+        if not v.shapes or any(op.shape is None for op in tracked):
+            self.refuse(v, tracked, "attends over pruned channels whose shapes are not known; pass example_inputs")
             return
-        if any(op.has(-2) for op in operands):
-            self.refuse(v, operands, "attends along the pruned channels (they lie on the sequence dim)")
+        if any(op.has(-2) for op in tracked) or (len(tracked) == 4 and tracked[3].has(-1)):
+            self.refuse(v, tracked, "attends along the pruned channels (they lie on the sequence dims)")
             return
         for op in operands:
             op.whole(v, (-1,))
         rank, groups = v.ndim(), self.groups(v, q, k)
-        heads = _head_dims(operands, rank)
+        heads = _head_dims(tracked, rank)
         reps = [q.rep(rank, heads, True), k.rep(rank, heads, True), val.rep(rank, heads, False)]
+        reps += [op.rep(rank, heads, True) for op in tracked[3:]]  # a mask may be per head, if it is narrowed too
         if any(r is None for r in reps):
-            self.refuse(v, operands, "mixes the pruned heads with heads that no configured layer produces, or shares "
-                                     "one value head between several query heads")
+            self.refuse(v, tracked, "mixes the pruned heads with a tensor that has heads of its own but is not "
+                                    "narrowed with them (values shared by several query heads, a per-head mask "
+                                    "computed at run time)")
             return
         _join(v, reps[0], _gqa(reps[1], groups))
         _join(v, reps[0], _gqa(reps[2], groups))
+        for rep in reps[3:]:
+            _join(v, reps[0], rep)
         self.record(v, reps[0], reps[1])
         if val.layout is not None:
             v.set(_output(self._spread(val.small, val, rank, groups)))
