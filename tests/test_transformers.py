@@ -38,11 +38,16 @@ def _llama_heads(model: nn.Module) -> list[tuple[int, int]]:
             for a in _layers(model, "LlamaAttention")]
 
 
+def _bert_heads(model: nn.Module) -> list[tuple[int, int]]:
+    return [(a.num_attention_heads,) * 2 for a in _layers(model, "BertSelfAttention")]
+
+
+BERT_ROWS = r".*\.(query|key|value|intermediate\.dense)\.weight"
 LLAMA_ROWS = r".*\.(q_proj|k_proj|v_proj|gate_proj|up_proj)\.weight"
 MHA_ROWS = r"(attn\.in_proj_weight|fc1\.weight)"
 CASES = {
-    "bert": Case(tm.bert, r".*\.(query|key|value|intermediate\.dense)\.weight",
-                 lambda m: [(a.num_attention_heads,) * 2 for a in _layers(m, "BertSelfAttention")]),
+    "bert": Case(tm.bert, BERT_ROWS, _bert_heads),
+    "bert-eager-matmul": Case(lambda: tm.bert(attn_implementation="eager"), BERT_ROWS, _bert_heads),
     "gpt2": Case(tm.gpt2, r".*\.(c_attn|c_fc)\.weight",
                  lambda m: [(a.num_heads,) * 2 for a in _layers(m, "GPT2Attention")], row_dim=1),
     "llama": Case(tm.llama, LLAMA_ROWS, _llama_heads),
@@ -117,7 +122,7 @@ def test_layers_keep_their_own_head_counts_through_save_and_reload(tmp_path):
     assert_outputs_match(masked, _run(fresh, inputs), rtol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["bert", "gpt2"])
+@pytest.mark.parametrize("name", ["bert", "bert-eager-matmul", "gpt2"])
 def test_without_bias_masking_a_removed_head_folds_its_value_bias(name):
     model, inputs = CASES[name].build()
     with torch.no_grad():

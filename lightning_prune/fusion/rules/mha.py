@@ -88,10 +88,6 @@ class MultiheadAttentionRule(LayerRule):
     def out_channels(self, module):
         return module.embed_dim
 
-    def prunable_tensors(self, module):
-        return ["in_proj_weight"] if module._qkv_same_embed_dim else ["q_proj_weight", "k_proj_weight",
-                                                                       "v_proj_weight"]
-
     def input_tensor(self, module):
         return ("in_proj_weight" if module._qkv_same_embed_dim else "q_proj_weight"), 1
 
