@@ -48,7 +48,7 @@ def narrow_to_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor
                 rule.sync(module)
             changed.append(name)
     synced = registry.sync_containers(model, [model.get_submodule(name) for name in changed])
-    return changed + [name for name, module in model.named_modules() if any(module is s for s in synced)]
+    return changed + [name for name, module in model.named_modules() if module in synced]
 
 
 def dense_view(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -69,8 +69,7 @@ class ReshapeRule(Rule):
                               "compute it from x.shape or use -1")
                 return
             for k in literal:  # a literal beside a derived size (a head size): its positions must never disappear
-                result_labels = result.labels
-                v.couple(result_labels.narrow(k, 0, 1).expand_as(result_labels), result_labels)
+                v.couple(result.labels.narrow(k, 0, 1).expand_as(result.labels), result.labels)
         v.set(result)
 
     def _without_shapes(self, v, flow: Layout) -> None:
