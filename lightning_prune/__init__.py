@@ -6,6 +6,7 @@ from lightning_prune.errors import PrunerStateError, PruningConfigError, Unsuppo
 from lightning_prune.fusion import (
     BlockingRule,
     ChannelwiseRule,
+    ContainerRule,
     ElementwiseRule,
     LayerRule,
     Rule,
@@ -31,6 +32,7 @@ __all__ = [
     "BaseStructuredSparsifier",
     "BlockingRule",
     "ChannelwiseRule",
+    "ContainerRule",
     "ElementwiseRule",
     "FPGMPruner",
     "FakeStructuredSparsity",

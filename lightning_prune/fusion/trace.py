@@ -19,6 +19,7 @@ import linecache
 import os
 import re
 import sys
+import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -53,7 +54,7 @@ class _Tracer(fx.Tracer):
         super().__init__(autowrap_functions=functions)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return registry.active().module_rule(m) is not None or super().is_leaf_module(m, module_qualified_name)
+        return _leaf_rule(m) or super().is_leaf_module(m, module_qualified_name)
 
     def create_node(self, *args, **kwargs) -> fx.Node:
         node = super().create_node(*args, **kwargs)
@@ -76,6 +77,12 @@ def _user_frame() -> str | None:
 
 
 _TRACE_CODE = fx.Tracer.trace.__code__
+
+
+def _leaf_rule(module: nn.Module) -> bool:
+    """Whether the module has a rule that reads its call as one node (container rules are traced through)."""
+    rule = registry.active().module_rule(module)
+    return rule is not None and not rule.transparent
 
 
 def trace(model: nn.Module, example_inputs: tuple[tuple, dict] | None = None) -> Traced:
@@ -163,26 +170,28 @@ def _collapse(model: nn.Module, program) -> fx.Graph:
     lifted = {**signature.inputs_to_parameters, **signature.inputs_to_buffers,
               **getattr(signature, "inputs_to_lifted_tensor_constants", {})}
     modules = dict(model.named_modules())
-    rules = registry.active()
     nodes = list(program.graph.nodes)
     owner: dict[fx.Node, tuple[str, str]] = {}  # node -> (call key, module fqn) of the outermost module with a rule
     for node in nodes:
         if node.op != "call_function":
             continue
         for key, (path, _type) in (node.meta.get("nn_module_stack") or {}).items():
-            fqn = _fqn(path, modules)
-            if fqn is not None and fqn in modules and rules.module_rule(modules[fqn]) is not None:
+            fqn = module_path(path, modules)
+            if fqn is not None and fqn in modules and _leaf_rule(modules[fqn]):
                 owner[node] = (key, fqn)
                 break
     calls: dict[str, list[fx.Node]] = {}
     for node, (key, _module) in owner.items():
         calls.setdefault(key, []).append(node)
     collapsed: dict[str, tuple[str, list[fx.Node], fx.Node]] = {}  # call key -> (module fqn, its nodes, output)
+    aliases: set[fx.Node] = set()  # conversions that return the call's input itself, which code outside reuses
     for key, members in calls.items():
         inside = set(members)
-        outputs = [n for n in members if any(u not in inside for u in n.users)]
+        same = {n for n in members if _returns_input(n, inside)}
+        outputs = [n for n in members if n not in same and any(u not in inside for u in n.users)]
         if len(outputs) == 1:
             collapsed[key] = (owner[members[0]][1], members, outputs[0])
+            aliases |= same
         else:  # several outputs (an LSTM's tuple): leave its ATen ops to the function rules
             for n in members:
                 owner.pop(n)
@@ -194,6 +203,9 @@ def _collapse(model: nn.Module, program) -> fx.Graph:
             new = graph.get_attr(lifted[node.name]) if node.name in lifted else graph.placeholder(node.name)
         elif node.op == "output":
             new = graph.output(tree_map(lambda a: env.get(a, a) if isinstance(a, fx.Node) else a, node.args[0]))
+        elif node in aliases:
+            env[node] = env[node.args[0]]
+            continue
         elif node in owner:
             fqn, members, out = collapsed[owner[node][0]]
             if node is not out:
@@ -213,7 +225,18 @@ def _collapse(model: nn.Module, program) -> fx.Graph:
     return graph
 
 
-def _fqn(path: str, modules: dict[str, nn.Module]) -> str | None:
+def _returns_input(node: fx.Node, inside: set[fx.Node]) -> bool:
+    """``x.to(dtype)`` that changes nothing returns ``x`` itself, so code after the call may use it as ``x`` (an
+    RMSNorm's float32 upcast of a float32 input, reused by the residual)."""
+    source = node.args[0] if node.args else None
+    if getattr(node.target, "overloadpacket", None) is not torch.ops.aten.to or not isinstance(source, fx.Node):
+        return False
+    old, new = source.meta.get("val"), node.meta.get("val")
+    return (source not in inside and isinstance(old, torch.Tensor) and isinstance(new, torch.Tensor)
+            and (old.dtype, old.device, old.shape) == (new.dtype, new.device, new.shape))
+
+
+def module_path(path: str, modules: dict[str, nn.Module]) -> str | None:
     """The module FQN of an ``nn_module_stack`` path (``L['self'].layer1[0].conv`` or ``layer1.0.conv``)."""
     if path in modules:
         return path
@@ -222,6 +245,14 @@ def _fqn(path: str, modules: dict[str, nn.Module]) -> str | None:
     cleaned = re.sub(r"\['([^']+)'\]", r".\1", cleaned).strip(".")
     cleaned = cleaned.replace("._modules.", ".")
     return cleaned if cleaned in modules else None
+
+
+def user_frame(frames: list[traceback.FrameSummary]) -> str | None:
+    """The innermost of ``frames`` (a traceback) in the model's own code, outside torch and this package."""
+    for frame in reversed(frames):
+        if not any(part in frame.filename for part in _OWN):
+            return f"{frame.filename}:{frame.lineno}: {(frame.line or '').strip()}"
+    return None
 
 
 def _export_source(node: fx.Node) -> str | None:

@@ -82,6 +82,7 @@ class Walk:
     actions: list[tuple[nn.Module, Any, Any]] = field(default_factory=list)  # rule-specific narrowing records
     frozen: dict[int, str] = field(default_factory=dict)  # id(tensor) -> why it must keep its shape
     holders: dict[int, list[tuple[nn.Module, str, str]]] = field(default_factory=dict)  # id -> (module, fqn, name)
+    notes: dict[str, Any] = field(default_factory=dict)  # what a rule tells the rule of a later node, by node name
 
 
 def walk(model: nn.Module, traced: Traced) -> Walk:
@@ -211,6 +212,19 @@ class Visit:
         module = module if module is not None else self.module
         return module._parameters.get(name, module._buffers.get(name)) if module is not None else None
 
+    def owner(self) -> nn.Module:
+        """The innermost module whose forward made this node (the model itself at top level): for a function node,
+        the module that holds the attributes its code reads (an attention block's head count)."""
+        from lightning_prune.fusion.trace import module_path
+
+        stack = self.node.meta.get("nn_module_stack") or {}
+        modules = dict(self.state.model.named_modules())
+        for path, _type in reversed(list(stack.values())):
+            fqn = module_path(path, modules)
+            if fqn is not None:
+                return modules[fqn]
+        return self.state.model
+
     def module_fqn(self, module: nn.Module) -> str:
         holders = [h for hs in self.state.holders.values() for h in hs if h[0] is module]
         if holders:
@@ -298,9 +312,10 @@ class Visit:
         if self.tensor(tensor_name, module) is not None:
             self.state.silences.append(Silence(module, tensor_name, labels.reshape(-1), always))
 
-    def action(self, data: Any) -> None:
-        """A rule-specific narrowing record, handed back to ``rule.narrow`` at prune time."""
-        self.state.actions.append((self.module, self.rule, data))
+    def action(self, data: Any, module: nn.Module | None = None) -> None:
+        """A rule-specific narrowing record, handed back to ``rule.narrow(module, data, ctx)`` at prune time; ``module``
+        defaults to the node's own module (a function rule names the module whose attributes it narrows)."""
+        self.state.actions.append((module if module is not None else self.module, self.rule, data))
 
     def freeze(self, tensor: torch.Tensor, reason: str) -> None:
         """``tensor`` must keep its shape (something reads it whole): block whatever would narrow it."""

@@ -77,8 +77,7 @@ class ScoringPruner(BaseStructuredSparsifier):
             row_classes = [self.plan.classes(m.labels) for m in members]
             classes = torch.cat([c[c >= 0] for c in row_classes]).unique()
             index = [torch.searchsorted(classes, c.clamp_min(0)) for c in row_classes]
-            blocked = torch.tensor(sorted(self.plan.groups.blocked_classes()), dtype=torch.long)
-            cache[key] = (self.plan, (classes, index, ~torch.isin(classes, blocked)))
+            cache[key] = (self.plan, (classes, index, ~self.plan.groups.blocked_mask()[classes]))
         return cache[key][1]
 
     def channel_scores(self, members: list[Member], index: list[torch.Tensor], kept: torch.Tensor,

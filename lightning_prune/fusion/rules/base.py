@@ -14,6 +14,8 @@ Every rule has a :class:`RuleKind` and implements ``visit(v)``, which the walk c
 - ``LAYOUT``: moves channels between dims or positions (view, permute, indexing, concat); ``COMBINE``: joins two
   tensors position by position (add, mul); ``ATTENTION``: heads (SDPA, matmul); ``BLOCKING``: an op whose output
   mixes the channels it reads, such as LayerNorm over them; it refuses with the reason.
+- :class:`ContainerRule` (``CONTAINER``): a module whose forward the analysis reads op by op (an attention block, an
+  MLP); the rule only keeps the module's size attributes (head counts, widths) in step with its narrowed children.
 """
 
 from __future__ import annotations
@@ -38,12 +40,15 @@ class RuleKind(enum.Enum):
     COMBINE = "combine"
     ATTENTION = "attention"
     BLOCKING = "blocking"
+    CONTAINER = "container"
 
 
 class Rule:
     """Base of all rules."""
 
     kind: RuleKind = RuleKind.BLOCKING
+    #: the module is not a leaf: the front ends trace through it and only :meth:`sync` is used (ContainerRule)
+    transparent: bool = False
 
     def visit(self, v: Visit) -> None:
         """Read the node's inputs from ``v`` and record its output layout, couplings, blocks and bindings."""
@@ -294,3 +299,14 @@ class BlockingRule(Rule):
 
     def visit(self, v: Visit) -> None:
         v.block_inputs(self.why)
+
+
+class ContainerRule(Rule):
+    """A module traced through op by op (never a leaf), whose :meth:`sync` sets its size attributes from its
+    children after they were narrowed; fusion and ``load_pruned`` call it after the children's own syncs."""
+
+    kind = RuleKind.CONTAINER
+    transparent = True
+
+    def visit(self, v: Visit) -> None:  # pragma: no cover - the front ends never make a node for it
+        raise RuntimeError(f"{type(self).__name__} is a container rule; its module is traced through")

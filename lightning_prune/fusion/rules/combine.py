@@ -71,6 +71,13 @@ class CombineRule(Rule):
                 return
             v.set(flow)
             return
+        if tensor is None and not self.additive and not all(full):
+            # a run-time factor along some channel dims only (a rotary embedding along each head's features): exact
+            # when positions along those dims never disappear on their own, so the factor stays aligned
+            for k in (k for k, varies in enumerate(full) if varies):
+                v.couple(flow.labels.narrow(k, 0, 1).expand_as(flow.labels), flow.labels)
+            v.set(Layout(axes, flow.labels, out_ndim, flow.pending, flow.stable))
+            return
         if tensor is None or not all(full) or [shape[d] for d in along] != list(flow.labels.shape):
             v.block(flow, f"{v.where} mixes the pruned channels with a tensor computed at run time that has its own "
                           "values per channel and cannot be narrowed; configure the layer producing it too")

@@ -213,7 +213,7 @@ class CatRule(Rule):
             return
         first = tracked[0]
         ndim = v.ndim() if v.shapes else first.ndim
-        axes = [f.front_axes() if ndim is not None and f.ndim == ndim else None for f in flows]
+        axes = [f.front_axes() if f is not None and ndim is not None and f.ndim == ndim else None for f in flows]
         if ndim is None or not isinstance(dim, int) or any(a is None for a, f in zip(axes, flows, strict=True)
                                                            if f is not None) or any(f.pending for f in tracked):
             self._fail(v, tracked, "along a dim that is not known; pass example_inputs")

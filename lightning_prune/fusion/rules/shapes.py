@@ -62,11 +62,14 @@ class ReshapeRule(Rule):
             return
         sizes = sequence_arg(v, self.sizes_from, "shape") if self.sizes_from is not None else None
         if sizes is not None and v.state.traced.front_end == "fx" and len(sizes) == len(new):
-            literal = [a for a in result.axes if _literal(sizes[a])]
-            if literal:
-                v.block(flow, f"{v.where} writes the size of a pruned dim as a literal ({sizes[literal[0]]}), which "
-                              "would not follow the narrower layer; compute it from x.shape or use -1")
+            literal = [k for k, a in enumerate(result.axes) if _literal(sizes[a])]
+            if len(literal) == len(result.axes):
+                v.block(flow, f"{v.where} writes the size of a pruned dim as a literal "
+                              f"({sizes[result.axes[literal[0]]]}), which would not follow the narrower layer; "
+                              "compute it from x.shape or use -1")
                 return
+            for k in literal:  # a literal beside a derived size (a head size): its positions must never disappear
+                v.couple(result.labels.narrow(k, 0, 1).expand_as(result.labels), result.labels)
         v.set(result)
 
     def _without_shapes(self, v, flow: Layout) -> None:
