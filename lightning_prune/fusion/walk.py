@@ -49,6 +49,7 @@ class Producer:
     dim: int
     labels: torch.Tensor  # the channel id of each row
     rule: Any
+    follows: bool = False  # its rows are its input's channels (a depthwise conv): left out, it blocks nothing
 
     @property
     def tensor_fqn(self) -> str:
@@ -270,9 +271,12 @@ class Visit:
         return None if binding is None else binding.labels
 
     def produce(self, module: nn.Module, tensor_name: str, dim: int, rows_per_channel: int = 1,
-                channels: int | None = None) -> torch.Tensor:
+                channels: int | None = None, follows: bool = False) -> torch.Tensor:
         """The output channel ids of ``module.<tensor_name>``'s rows along ``dim`` (new on first use, the same on
-        every later call of the module or use of the tensor), registering it as a candidate producer."""
+        every later call of the module or use of the tensor), registering it as a candidate producer.
+
+        ``follows``: the rows are already bound to channels another producer makes (a depthwise conv's input), so
+        the tensor may be configured with them but leaving it out does not block them."""
         tensor = self.tensor(tensor_name, module)
         rows = tensor.shape[dim]
         existing = self.bound(tensor, dim)
@@ -283,7 +287,7 @@ class Visit:
         key = (id(tensor), dim % tensor.dim())
         if key not in self.state.producers:
             self.state.producers[key] = Producer(module, self.module_fqn(module), tensor_name, dim % tensor.dim(),
-                                                 existing, self.rule)
+                                                 existing, self.rule, follows)
         return existing
 
     def silence(self, module: nn.Module, tensor_name: str, labels: torch.Tensor, always: bool = False) -> None:
