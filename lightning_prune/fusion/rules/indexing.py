@@ -15,7 +15,7 @@ import torch
 from torch import fx
 
 from lightning_prune.fusion.layout import FIXED, Layout
-from lightning_prune.fusion.rules.base import Rule, RuleKind
+from lightning_prune.fusion.rules.base import Rule, RuleKind, tie_axis
 from lightning_prune.fusion.rules.registry import aten, register_functions
 
 
@@ -39,8 +39,7 @@ def pick(v, flow: Layout, axis_index: int, index) -> torch.Tensor | None:
     if axis in flow.stable or positions.numel() == size:
         return picked
     if flow.labels.dim() > 1:  # several channel dims: positions along this one must never disappear
-        line = flow.labels.narrow(axis_index, 0, 1).expand_as(flow.labels)
-        v.couple(line, flow.labels)
+        tie_axis(v, flow.labels, axis_index)
         return picked
     from_end = (isinstance(index, int) and index < 0) or (isinstance(index, slice) and index.stop is None
                                                          and (index.start or 0) < 0)

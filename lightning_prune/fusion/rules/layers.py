@@ -9,7 +9,7 @@ from torch import nn
 
 from lightning_prune.errors import UnsupportedPatternError
 from lightning_prune.fusion.layout import Layout
-from lightning_prune.fusion.rules.base import LayerRule, RuleKind, features_at, input_layout
+from lightning_prune.fusion.rules.base import LayerRule, RuleKind, features_at, input_layout, tie_axis
 from lightning_prune.fusion.rules.registry import aten, register_functions, register_layer
 
 
@@ -89,15 +89,14 @@ class ConvRule(LayerRule):
         if labels is None:
             return
         parts = labels.reshape(module.groups, -1)
-        v.couple(parts[:1].expand_as(parts), parts)
+        tie_axis(v, parts, 0)
         name, weight_dim = self.input_tensor(module)
         v.bind(v.tensor(name), weight_dim, parts[0])
         v.state.consumers.append((v.node, module, self, labels))
 
     def produce(self, v, module, dim) -> Layout:
         out = super().produce(v, module, dim)
-        parts = out.labels.reshape(module.groups, -1)
-        v.couple(parts[:1].expand_as(parts), parts)
+        tie_axis(v, out.labels.reshape(module.groups, -1), 0)
         return out
 
     def _visit_depthwise(self, v, module) -> None:
