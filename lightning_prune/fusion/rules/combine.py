@@ -53,11 +53,14 @@ class CombineRule(Rule):
         tensor = ref.tensor if isinstance(ref, TensorRef) else None
         shape = tuple(tensor.shape) if tensor is not None else v.shape(other)
         out_ndim = v.ndim() if v.shapes else flow.ndim
-        axes = flow.front_axes() if out_ndim is not None else None
-        if shape is None or axes is None or out_ndim is None:
+        front = flow.front_axes() if out_ndim is not None else None
+        if shape is None or front is None or out_ndim is None:
             v.block(flow, f"{v.where} mixes the pruned channels with a tensor that no configured layer produces; "
                           "configure both sides of a residual connection, or pass example_inputs so shapes are known")
             return
+        shift = out_ndim - (flow.ndim if flow.ndim is not None else out_ndim)  # broadcasting adds leading dims
+        axes = tuple(a + shift for a in front)
+        out = Layout(axes, flow.labels, out_ndim, flow.pending, tuple(a + shift for a in flow.stable))
         offset = out_ndim - len(shape)
         along = [a - offset for a in axes]  # the other tensor's dim at each channel axis (< 0: absent)
         full = [d >= 0 and shape[d] > 1 for d in along]
@@ -66,7 +69,7 @@ class CombineRule(Rule):
                 v.block(flow, f"{v.where} adds the same tensor to every channel, so a removed channel would still "
                               "carry it")
                 return
-            v.set(flow)
+            v.set(out)
             return
         if tensor is None or not all(full) or [shape[d] for d in along] != list(flow.labels.shape):
             v.block(flow, f"{v.where} mixes the pruned channels with a tensor computed at run time that has its own "
@@ -76,10 +79,10 @@ class CombineRule(Rule):
             v.block(flow, f"{v.where} combines the channels with a parameter along several dims")
             return
         v.bind(tensor, along[0], flow.labels.reshape(-1))
-        if self.additive and tensor.dim() == 1:
+        if self.additive and along[0] == 0:  # per channel along dim 0 (a bias of shape (C,) or (C, 1, 1))
             owner, _fqn, name = v.state.holders[id(tensor)][0]
             v.silence(owner, name, flow.labels.reshape(-1))
-        v.set(Layout(axes, flow.labels, out_ndim, flow.pending, flow.stable))
+        v.set(out)
 
     def _both(self, v, la: Layout, lb: Layout) -> None:
         out_ndim = v.ndim() if v.shapes else la.ndim
@@ -111,14 +114,9 @@ class CombineRule(Rule):
                 continue
             ref = v.value(operand) if isinstance(operand, torch.fx.Node) else None
             if isinstance(ref, TensorRef):
-                tensor = ref.tensor.detach().to(torch.float64).cpu()
-                if tensor.numel() == 1:
-                    values.append(tensor.reshape(()))
-                else:
-                    flat = tensor.reshape(-1, tensor.shape[-1]) if tensor.dim() > 1 else tensor
-                    varies = tensor.dim() > 1 and not bool((flat == flat[:1]).all())
-                    values.append(flat[0] if tensor.dim() > 1 else flat)
-                    dependent = dependent or varies
+                value, varies = _per_position(v, ref.tensor.detach().to(torch.float64).cpu())
+                values.append(value)
+                dependent = dependent or varies
             elif isinstance(operand, torch.fx.Node):  # a run-time tensor broadcast over the channels
                 values.append(torch.ones(()))
                 dependent = True
@@ -126,6 +124,20 @@ class CombineRule(Rule):
                 values.append(torch.tensor(operand if operand is not None else 0, dtype=torch.float64))
         out = self.op(values[0], values[1]).to(torch.float64)
         return out, (out != 0) if dependent else False
+
+
+def _per_position(v, tensor: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """A parameter's value at each position of the output's channel labels (broadcast where it has size 1), and
+    whether it also varies along the dims that carry no channels (then a constant channel stops being constant)."""
+    if tensor.numel() == 1:
+        return tensor.reshape(()), False
+    out = v.state.values[v.node.name]
+    dims = [a - out.ndim + tensor.dim() for a in out.axes]  # the parameter's dim at each label axis (< 0: absent)
+    along = [d for d in dims if d >= 0]
+    rest = [d for d in range(tensor.dim()) if d not in along]
+    moved = tensor.permute(along + rest).reshape(*[tensor.shape[d] for d in along], -1)
+    varies = not bool((moved == moved[..., :1]).all())
+    return moved[..., 0].reshape([tensor.shape[d] if d >= 0 else 1 for d in dims]), varies
 
 
 _ADD = CombineRule(operator.add, additive=True)
