@@ -65,17 +65,36 @@ class ReduceRule(Rule):
         else:
             v.set(out)
 
+    def scale_for(self, v):
+        return self.scale
+
     def const(self, v, values):
-        if self.scale is None:
+        scale = self.scale_for(v)
+        if scale is None:
             return values, values != 0
-        if self.scale == "same":
+        if scale == "same":
             return values, False
         shape = v.shape(v.arg(0))
         dims = self.dims(v, len(shape)) if shape is not None else None
         if dims is None:
             return values, values != 0
         n = math.prod(shape[d] for d in dims)
-        return self.scale(values, n), False
+        return scale(values, n), False
+
+
+class NormRule(ReduceRule):
+    """``norm(x, p, dim, keepdim)`` / ``vector_norm(x, ord, dim, keepdim)``: a constant ``c`` over ``n`` elements has
+    the norm ``|c| * n ** (1 / p)`` (``|c|`` for p = inf)."""
+
+    def __init__(self):
+        super().__init__(dim_at=2, keepdim_at=3)
+
+    def scale_for(self, v):
+        p = v.arg(1, "p", v.node.kwargs.get("ord", 2))
+        p = 2 if p in (None, "fro") else p
+        if not isinstance(p, (int, float)) or isinstance(p, bool) or p <= 0:
+            return None
+        return lambda c, n: c.abs() * (1.0 if math.isinf(p) else n ** (1.0 / p))
 
 
 class SoftmaxRule(ReduceRule):
@@ -110,8 +129,7 @@ register_functions([torch.max, "max", torch.min, "min", aten("max"), aten("min")
 register_functions([torch.sum, "sum", aten("sum"), torch.nansum, "nansum"], ReduceRule(lambda c, n: c * n))
 register_functions([torch.std, "std", aten("std"), torch.var, "var", aten("var")],
                    ReduceRule(lambda c, n: torch.zeros_like(c), keepdim_at=3))  # (x, dim, unbiased, keepdim)
-register_functions([torch.norm, "norm", torch.linalg.vector_norm, aten("linalg_vector_norm")],
-                   ReduceRule(scale=None, dim_at=2, keepdim_at=3))  # (x, p, dim, keepdim)
+register_functions([torch.norm, "norm", torch.linalg.vector_norm, aten("linalg_vector_norm")], NormRule())
 register_functions([torch.logsumexp, "logsumexp", aten("logsumexp"), torch.prod, "prod", aten("prod"), torch.all,
                     "all", torch.any, "any"], ReduceRule(scale=None))
 register_functions([F.softmax, torch.softmax, "softmax", aten("softmax"), aten("_softmax")],
