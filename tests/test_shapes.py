@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 import lightning_prune as lp
+from benchmarks.families import StochasticDepth, stochastic_depth
 from tests.models import assert_outputs_match, randomize_norms
 from tests.test_exactness import make_pruner, prune_and_compare
 
@@ -84,6 +85,17 @@ class ConvNeXtBlock(nn.Module):
         return self.head(x + h.permute(0, 3, 1, 2))
 
 
+class Beside(nn.Module):
+    """``cat([x, f(x)])``: each channel at two positions, with two different constants when it is removed."""
+
+    def __init__(self, f: nn.Module):
+        super().__init__()
+        self.f = f
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x, self.f(x)], dim=1)
+
+
 class LayerScale(nn.Module):
     """``x * self.gamma``: a per-channel parameter used directly in arithmetic, channels first or last."""
 
@@ -98,20 +110,13 @@ class LayerScale(nn.Module):
         return x * self.gamma
 
 
-def stochastic_depth(x: torch.Tensor, p: float, mode: str, training: bool = True) -> torch.Tensor:
-    """torchvision.ops.stochastic_depth's contract (fusion knows it by name; torchvision is not importable here)."""
-    if not training or p == 0.0:
-        return x
-    noise = torch.empty([x.shape[0]] + [1] * (x.ndim - 1), dtype=x.dtype, device=x.device).bernoulli_(1 - p)
-    return x * noise / (1 - p)
+fx.wrap("stochastic_depth")  # torchvision's contract: one call, whichever module calls it
 
 
-stochastic_depth.__module__ = "torchvision.ops.stochastic_depth"
-fx.wrap("stochastic_depth")  # as torchvision does: one call_function node
+class DropPath(nn.Module):
+    """timm's DropPath, known to fusion by its qualified name."""
 
-
-class StochasticDepth(nn.Module):
-    __module__ = "torchvision.ops.stochastic_depth"
+    __module__ = "timm.layers.drop"
 
     def __init__(self, p: float = 0.2):
         super().__init__()
@@ -119,10 +124,6 @@ class StochasticDepth(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return stochastic_depth(x, self.p, "row", self.training)
-
-
-class DropPath(StochasticDepth):
-    __module__ = "timm.layers.drop"
 
 
 @dataclass(frozen=True)
@@ -160,6 +161,11 @@ CASES = {
     "reshape_split_h": Case(lambda: Between(
         lambda h: h.reshape(h.shape[0], h.shape[1], 2, h.shape[2] // 2, h.shape[3]).amax(2))),
     "unflatten": Case(lambda: Between(lambda h: h.flatten(2).unflatten(2, (h.shape[2], h.shape[3])))),
+    # positions picked, split and joined
+    "swapped_chunks": Case(lambda: Between(lambda h: torch.cat(h.chunk(2, 1)[::-1], 1)), rows_coupled=True),
+    # a removed channel's two constants cannot be folded per channel: it stays
+    "cat_with_its_normalised_self": Case(lambda: Between(Beside(nn.BatchNorm2d(8)), reads=16),
+                                         narrows_with_bias_kept=False),
     # reductions over the other dims
     **{name: pooled(fn) for name, fn in {
         "sum": lambda h: h.sum((2, 3)), "amax": lambda h: h.amax((2, 3)), "amin": lambda h: torch.amin(h, dim=(2, 3)),
@@ -171,7 +177,7 @@ CASES = {
     "upsample": Case(lambda: Between(nn.Upsample(size=(5, 5), mode="nearest"))),
     "pad_zeros": Case(lambda: Between(lambda h: F.pad(h, (1, 1, 2, 0))), narrows_with_bias_kept=False),
     "pad_reflect": Case(lambda: Between(lambda h: F.pad(h, (1, 1, 1, 1), mode="reflect"))),
-    "stochastic_depth_module": Case(lambda: Between(StochasticDepth())),
+    "stochastic_depth_module": Case(lambda: Between(StochasticDepth(0.2))),
     "stochastic_depth_function": Case(lambda: Between(lambda h: stochastic_depth(h, 0.2, "row", False))),
     "drop_path": Case(lambda: Between(DropPath())),
     # per-channel modules and parameters

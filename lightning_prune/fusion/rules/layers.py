@@ -100,24 +100,21 @@ class ConvRule(LayerRule):
         return out
 
     def _visit_depthwise(self, v, module) -> None:
-        """Output channel o reads input channel o // k (k = out / in): they are the same channels, so leaving the
-        conv out of the config blocks nothing."""
+        """Output channel o reads input channel o // k (k = out / in): they are coupled, so leaving the conv out of
+        the config blocks nothing. Each output row keeps its own id (its constant differs from its input's)."""
         flow = input_layout(v)
         dim = self.channel_dim_for(v)
-        multiplier = module.out_channels // module.in_channels
         labels = features_at(v, flow, dim, module.in_channels) if flow is not None else None
-        weight = v.tensor("weight")
         if labels is None:
             labels = v.fresh(module.in_channels)
             v.block(labels, f"{v.where} ties its output channels to input channels that no configured layer "
                             "produces; configure the layer feeding it too")
-        labels = labels.repeat_interleave(multiplier)
-        v.bind(weight, 0, labels)
-        v.produce(module, "weight", 0, follows=True)
+        ids = v.produce(module, "weight", 0, follows=True)
+        v.couple(ids, labels.repeat_interleave(module.out_channels // module.in_channels))
         if module.bias is not None:
-            v.bind(module.bias, 0, labels)
-            v.silence(module, "bias", labels)
-        v.set(Layout.vector(labels, dim, v.ndim() if v.shapes else self.output_ndim(module)))
+            v.bind(module.bias, 0, ids)
+            v.silence(module, "bias", ids)
+        v.set(Layout.vector(ids, dim, v.ndim() if v.shapes else self.output_ndim(module)))
 
     def const(self, v, *inputs):
         module = v.module
@@ -131,11 +128,8 @@ class ConvRule(LayerRule):
         return out, _pads_with_zeros(module) & (out != 0)
 
     def sync(self, module):
-        if _depthwise(module):
-            multiplier = module.out_channels // module.groups
-            module.out_channels = module.weight.shape[0]
-            module.in_channels = module.groups = module.out_channels // multiplier
-            return
+        if _depthwise(module):  # whole groups went
+            module.groups = module.weight.shape[0] // (module.out_channels // module.groups)
         module.out_channels = module.weight.shape[0]
         module.in_channels = module.weight.shape[1] * module.groups
 
