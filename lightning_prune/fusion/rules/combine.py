@@ -1,4 +1,5 @@
-"""Ops that combine two tensors position by position: add, sub, mul, div, maximum, minimum.
+"""Ops that combine two tensors position by position: add, sub, mul, div, maximum, minimum, and GLU (the two
+halves of one tensor).
 
 Two tensors that both carry channels are *coupled*: channel c on one side and channel c on the other are kept or
 removed together (a residual connection, a squeeze-and-excitation gate). With a parameter that varies along the
@@ -12,10 +13,12 @@ import numbers
 import operator
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from lightning_prune.fusion.layout import Layout
-from lightning_prune.fusion.rules.base import Rule, RuleKind
-from lightning_prune.fusion.rules.registry import aten, register_functions
+from lightning_prune.fusion.rules.base import Rule, RuleKind, input_layout
+from lightning_prune.fusion.rules.registry import aten, register_functions, register_layer
 
 
 class CombineRule(Rule):
@@ -140,6 +143,44 @@ def _per_position(v, tensor: torch.Tensor) -> tuple[torch.Tensor, bool]:
     return moved[..., 0].reshape([tensor.shape[d] if d >= 0 else 1 for d in dims]), varies
 
 
+class GLURule(Rule):
+    """``F.glu(x, dim)`` / ``nn.GLU``: ``a * sigmoid(b)`` of the halves of ``x`` along ``dim``. Along the channels
+    the halves are coupled position by position, so they stay equal, and the output carries the first half's."""
+
+    kind = RuleKind.COMBINE
+
+    def axis(self, v, flow: Layout) -> int | None:
+        """The label axis that ``dim`` is (-1: a dim without channels), or None when that is not known."""
+        dim = v.module.dim if v.module is not None else v.arg(1, "dim", -1)
+        ndim = v.ndim(v.arg(0, "input")) if v.shapes else flow.ndim
+        axes = flow.axes if ndim is None else tuple(a % ndim for a in flow.axes)
+        if ndim is not None:
+            dim %= ndim
+        elif any((a >= 0) != (dim >= 0) for a in axes):
+            return None
+        return axes.index(dim) if dim in axes else -1
+
+    def visit(self, v) -> None:
+        flow = input_layout(v)
+        if flow is None:
+            return
+        k = self.axis(v, flow)
+        if k is None or flow.pending:
+            v.block(flow, f"{v.where} halves a dim that is not known to be apart from the channels; pass "
+                          "example_inputs")
+            return
+        labels = flow.labels
+        if k >= 0:
+            labels, second = labels.chunk(2, k)
+            v.couple(labels, second)
+        v.set(Layout(flow.axes, labels.contiguous(), flow.ndim, False, flow.stable))
+
+    def const(self, v, values):
+        k = self.axis(v, v.layout(v.arg(0, "input")))
+        first, second = values.chunk(2, k) if k >= 0 else (values, values)
+        return first * torch.sigmoid(second), False
+
+
 _ADD = CombineRule(operator.add, additive=True)
 _SUB = CombineRule(operator.sub, additive=True)
 _MUL = CombineRule(operator.mul, additive=False)
@@ -154,3 +195,5 @@ register_functions([operator.truediv, operator.itruediv, torch.div, torch.true_d
                     aten("div"), aten("div_")], _DIV)
 register_functions([torch.maximum, "maximum", aten("maximum")], CombineRule(torch.maximum, additive=True))
 register_functions([torch.minimum, "minimum", aten("minimum")], CombineRule(torch.minimum, additive=True))
+register_functions([F.glu, aten("glu")], GLURule())
+register_layer(nn.GLU, GLURule())
