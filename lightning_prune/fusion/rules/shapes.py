@@ -188,8 +188,10 @@ class PermuteRule(Rule):
         if flow is None:
             return
         ndim = v.ndim(v.arg(0)) if v.shapes else flow.ndim
+        if ndim is None and self.how == "permute":  # permute names every dim: its length is the rank
+            ndim = len(sequence_arg(v, 1, "dims") or []) or None
         perm = self.perm(v, ndim) if ndim is not None else None
-        axes = flow.front_axes() if ndim is not None else None
+        axes = tuple(a % ndim for a in flow.axes) if ndim is not None else None
         if perm is None or axes is None or flow.pending:
             v.block(flow, f"{v.where} moves dims around the pruned channels in a way that is not known; pass "
                           "example_inputs so shapes are known")
