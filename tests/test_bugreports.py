@@ -1,6 +1,7 @@
 """The public bug reports of issue 13 (``shared/cases/bugreports/`` 03, 04, 05, 10, 11), each scenario with its right
 outcome, given example inputs: the structure prunes exactly and the configured layers get narrower, or, where the
-source writes a size as a literal, ``prepare()`` refuses and leaves the model untouched.
+source writes a size as a literal, ``prepare()`` refuses and leaves the model untouched. Without example inputs the
+permutes still prune (a permute names the rank), and the SE gates that need shapes are refused naming the op.
 """
 
 from __future__ import annotations
@@ -128,6 +129,16 @@ def test_05_linear_se_gate_prunes_with_the_gated_conv(indexing: bool) -> None:
     assert model.conv.out_channels == model.fc1.in_features == model.fc2.out_features == model.out.in_channels == 16
 
 
+@pytest.mark.parametrize(("indexing", "blocker"), [(False, r"method 'view'.*view\(b, c\)"),
+                                                   (True, r"function 'getitem'.*None, None\]")],
+                         ids=["view_b_c", "mean_none_none"])
+def test_05_linear_se_gate_without_example_inputs_is_refused_naming_the_op_that_needs_shapes(
+        indexing: bool, blocker: str) -> None:
+    with pytest.raises(lp.UnsupportedPatternError, match=rf"cannot prune 'conv.weight'.*{blocker}") as raised:
+        lp.SaliencyPruner().prepare(SELinear(indexing), [{"tensor_fqn": "conv.weight"}, {"tensor_fqn": "fc2.weight"}])
+    assert "residual connection" not in str(raised.value)
+
+
 # -- 10: from a pooled feature map to a classifier (Torch-Pruning #511, #2) ---------------------------------------
 class Classifier(nn.Module):
     def __init__(self, to_vector: Callable, global_pool: bool):
@@ -195,21 +206,27 @@ class Conformerish(nn.Module):
         return self.conv(F.silu(self.fc(x)).permute(0, 2, 1))
 
 
+SHAPES = pytest.mark.parametrize("shapes", [True, False], ids=["shapes", "no_shapes"])  # permute names the rank
+
+
+@SHAPES
 @pytest.mark.parametrize("prune_bias", [True, False], ids=["prune_bias", "keep_bias"])
-def test_11_channels_last_linear_permuted_back_to_a_conv(prune_bias: bool) -> None:
+def test_11_channels_last_linear_permuted_back_to_a_conv(prune_bias: bool, shapes: bool) -> None:
     model = ConvNeXtish()
-    prune(model, ["pw1.weight", "pw2.weight"], torch.randn(2, 8, 6, 6), prune_bias)
+    prune(model, ["pw1.weight", "pw2.weight"], torch.randn(2, 8, 6, 6), prune_bias, shapes)
     assert model.pw2.out_features == model.out.in_channels == 8
     assert model.pw1.out_features == model.pw2.in_features == 16
 
 
-def test_11_linear_permuted_into_a_conv1d() -> None:
+@SHAPES
+def test_11_linear_permuted_into_a_conv1d(shapes: bool) -> None:
     model = Conformerish()
-    prune(model, ["fc.weight"], torch.randn(2, 10, 8))
+    prune(model, ["fc.weight"], torch.randn(2, 10, 8), shapes=shapes)
     assert model.fc.out_features == model.conv.in_channels == 8
 
 
-def test_11_conv1d_transposed_into_a_linear() -> None:
+@SHAPES
+def test_11_conv1d_transposed_into_a_linear(shapes: bool) -> None:
     model = Conv1dToLinear()
-    prune(model, ["conv.weight"], torch.randn(2, 8, 10))
+    prune(model, ["conv.weight"], torch.randn(2, 8, 10), shapes=shapes)
     assert model.conv.out_channels == model.fc.in_features == 8

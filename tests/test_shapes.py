@@ -201,12 +201,14 @@ def test_structure_prunes_exactly_with_shapes(case: Case, pruner_kind: str, prun
                       torch.randn(case.input_shape), narrows, case.tensors if case.rows_coupled else (), shapes=True)
 
 
-def prune(model: nn.Module, config: list[str], x: torch.Tensor, prune_bias: bool = True) -> lp.SaliencyPruner:
-    """Prepare with ``x`` as example input, step at 50%, prune; the pruned output must equal the masked one."""
+def prune(model: nn.Module, config: list[str], x: torch.Tensor, prune_bias: bool = True,
+          shapes: bool = True) -> lp.SaliencyPruner:
+    """Prepare (with ``x`` as example input when ``shapes``), step at 50%, prune; the pruned output must equal the
+    masked one."""
     randomize_norms(model)
     model.eval()
     pruner = lp.SaliencyPruner(sparsity_level=0.5, prune_bias=prune_bias)
-    pruner.prepare(model, [{"tensor_fqn": fqn} for fqn in config], example_inputs=(x,))
+    pruner.prepare(model, [{"tensor_fqn": fqn} for fqn in config], example_inputs=(x,) if shapes else None)
     pruner.step()
     with torch.no_grad():
         masked = model(x)
@@ -240,3 +242,19 @@ def test_literal_size_of_every_channel_dim_is_refused_naming_the_line(view: Call
     model = Between(lambda h: view(F.max_pool2d(h, 2)).flatten(1), features=128)
     with pytest.raises(lp.UnsupportedPatternError, match=r"test_shapes.py:\d+: .*view.*literal \(\d+\)"):
         lp.SaliencyPruner().prepare(model, [{"tensor_fqn": "conv.weight"}], example_inputs=(torch.randn(2, 3, 8, 8),))
+
+
+class SizeScaled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.out = nn.Linear(8, 16), nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        return self.out(h * h.shape[-1] ** -0.5)
+
+
+def test_arithmetic_with_a_size_read_in_forward_is_refused_as_such() -> None:
+    """``h.shape[-1]`` is the pruned width here: the scale would change with it."""
+    with pytest.raises(lp.UnsupportedPatternError, match=r"'fc.weight'.*mul.*number computed in forward"):
+        lp.SaliencyPruner().prepare(SizeScaled(), [{"tensor_fqn": "fc.weight"}], example_inputs=(torch.randn(2, 8),))

@@ -83,6 +83,8 @@ class Walk:
     actions: list[tuple[nn.Module, Any, Any]] = field(default_factory=list)  # rule-specific narrowing records
     frozen: dict[int, str] = field(default_factory=dict)  # id(tensor) -> why it must keep its shape
     holders: dict[int, list[tuple[nn.Module, str, str]]] = field(default_factory=dict)  # id -> (module, fqn, name)
+    #: node name -> the op where the channels it is computed from were lost (refused without an output layout)
+    lost: dict[str, str] = field(default_factory=dict)
 
 
 def walk(model: nn.Module, traced: Traced) -> Walk:
@@ -111,17 +113,31 @@ def walk(model: nn.Module, traced: Traced) -> Walk:
             rule = rules.module_rule(visit.module) if node.op == "call_module" else rules.function_rule(node.target)
             visit.rule = rule
             state.values[node.name] = None
+            blocks = len(state.groups.blocks)
             if rule is None:
                 visit.unknown()
             else:
                 rule.visit(visit)
                 if _labels_of(state.values.get(node.name)).numel():
                     state.steps.append((node, rule))
+            _note_lost(state, node, visit, len(state.groups.blocks) > blocks)
     for key, binding in state.bindings.items():
         reason = state.frozen.get(key[0])
         if reason is not None:
             state.groups.block(binding.labels, reason)
     return state
+
+
+def _note_lost(state: Walk, node: fx.Node, visit: Visit, blocked: bool) -> None:
+    """A node without channels whose input lost track of them (an op that refused, or anything computed from its
+    output) is remembered with that op, so a later refusal can name it rather than blame its own input."""
+    if state.values.get(node.name) is not None:
+        return
+    lost = [state.lost[a.name] for a in node.all_input_nodes if a.name in state.lost]
+    if lost:
+        state.lost[node.name] = lost[0]
+    elif blocked:
+        state.lost[node.name] = visit.where
 
 
 def _attr(model: nn.Module, target: str) -> Any:

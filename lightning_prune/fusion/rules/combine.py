@@ -58,8 +58,7 @@ class CombineRule(Rule):
         out_ndim = v.ndim() if v.shapes else flow.ndim
         front = flow.front_axes() if out_ndim is not None else None
         if shape is None or front is None or out_ndim is None:
-            v.block(flow, f"{v.where} mixes the pruned channels with a tensor that no configured layer produces; "
-                          "configure both sides of a residual connection, or pass example_inputs so shapes are known")
+            v.block(flow, _untracked(v, other))
             return
         shift = out_ndim - (flow.ndim if flow.ndim is not None else out_ndim)  # broadcasting adds leading dims
         axes = tuple(a + shift for a in front)
@@ -127,6 +126,19 @@ class CombineRule(Rule):
                 values.append(torch.tensor(operand if operand is not None else 0, dtype=torch.float64))
         out = self.op(values[0], values[1]).to(torch.float64)
         return out, (out != 0) if dependent else False
+
+
+def _untracked(v, other) -> str:
+    """Why the channels cannot meet ``other``, a value whose channels (if any) are not known here."""
+    lost = v.state.lost.get(other.name) if isinstance(other, torch.fx.Node) else None
+    if lost is not None:
+        return (f"{v.where} mixes the pruned channels with a value computed from the output of {lost}, whose "
+                "channels fusion could not follow (see that op's refusal)")
+    if isinstance(other, torch.fx.Node) and isinstance(other.meta.get("val"), (int, float, torch.SymInt)):
+        return (f"{v.where} combines the pruned channels with a number computed in forward (a size read from "
+                "x.shape?), which may change when channels are removed")
+    return (f"{v.where} mixes the pruned channels with a tensor that no configured layer produces; configure both "
+            "sides of a residual connection, or pass example_inputs so shapes are known")
 
 
 def _per_position(v, tensor: torch.Tensor) -> tuple[torch.Tensor, bool]:
