@@ -291,8 +291,8 @@ class Visit:
         """The output channel ids of ``module.<tensor_name>``'s rows along ``dim`` (new on first use, the same on
         every later call of the module or use of the tensor), registering it as a candidate producer.
 
-        ``follows``: the rows are already bound to channels another producer makes (a depthwise conv's input), so
-        the tensor may be configured with them but leaving it out does not block them."""
+        ``follows``: the rows are channels another producer makes (a depthwise conv's rows, coupled to its input),
+        so the tensor may be configured with them but leaving it out does not block them."""
         tensor = self.tensor(tensor_name, module)
         rows = tensor.shape[dim]
         existing = self.bound(tensor, dim)
