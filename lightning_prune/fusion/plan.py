@@ -220,7 +220,7 @@ def analyse(
         chosen = [p.tensor_fqn for p in found if select is None or select(p.tensor_fqn)]
     chosen_keys = {id(producers[fqn]) for fqn in chosen}
     for producer in state.producers.values():
-        if id(producer) not in chosen_keys:
+        if id(producer) not in chosen_keys and not producer.follows:
             state.groups.block(producer.labels, f"its channels are tied to those of '{producer.tensor_fqn}', which "
                                                 "is not configured (configure both)")
     dropped: dict[str, str] = dict(missing) if explicit else {}

@@ -1,8 +1,9 @@
 """Front ends: turn a model into one fx graph that the walk reads, with shapes when example inputs are given.
 
 - ``torch.fx`` symbolic tracing (the seed's API: no inputs needed). Every module with a fusion rule is a leaf, so it
-  appears as one ``call_module`` node; with example inputs, fake tensors give every node its shape and dtype
-  (``node.meta["val"]``) at no real compute or memory.
+  appears as one ``call_module`` node; with example inputs, a run on meta-device stand-ins (fake tensors where the
+  forward makes tensors of its own) gives every node its shape and dtype (``node.meta["val"]``) at no real compute
+  or memory.
 - ``torch.export`` (non-strict) for models fx cannot trace, such as Hugging Face transformers. Its core-ATen graph is
   rewritten into the same vocabulary: each call of a module with a rule collapses back into one ``call_module`` node
   (found from ``nn_module_stack``), lifted parameters become ``get_attr`` nodes, and the remaining ops keep their ATen
@@ -118,27 +119,58 @@ class _ShapeInterpreter(fx.Interpreter):
         return result
 
 
-def _propagate_shapes(model: nn.Module, graph: fx.Graph, example_inputs: tuple[tuple, dict]) -> None:
-    """Run the graph on fake tensors: shapes and dtypes for every node, no real compute."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
+class _Run(nn.Module):
+    """Runs ``graph`` over ``model`` recording every node's value; a module, so ``functional_call`` can swap the
+    model's tensors for meta-device stand-ins while it runs."""
 
+    def __init__(self, model: nn.Module, graph: fx.Graph):
+        super().__init__()
+        self.model = model
+        self.graph = graph
+
+    def forward(self, *args):
+        return _ShapeInterpreter(self.model, graph=self.graph).run(*args)
+
+
+def _propagate_shapes(model: nn.Module, graph: fx.Graph, example_inputs: tuple[tuple, dict]) -> None:
+    """Shapes and dtypes for every node, with no real compute or memory.
+
+    The graph runs on meta-device stand-ins of the inputs, parameters and buffers (shapes only: C++ meta kernels, a
+    few times faster than fake tensors). A forward that makes tensors of its own on a real device cannot mix them
+    with meta ones; it runs again under fake tensors, which intercept those too.
+    """
+    flat = _placeholder_values(model, graph, example_inputs)
+    run = _Run(model, graph)
+    try:
+        stand_ins = {name: torch.empty_like(t, device="meta")
+                     for name, t in (*run.named_parameters(), *run.named_buffers())}
+        meta = tree_map(lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t, flat)
+        with eval_mode(model), torch.no_grad():
+            torch.func.functional_call(run, stand_ins, tuple(meta), strict=False, tie_weights=True)
+    except Exception:  # noqa: BLE001 - tensors made on a real device in forward: fake tensors cover them
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        mode = FakeTensorMode(allow_non_fake_inputs=True)
+        fake = tree_map(lambda t: mode.from_tensor(t) if isinstance(t, torch.Tensor) else t, flat)
+        with mode, eval_mode(model), torch.no_grad():
+            run(*fake)
+
+
+def _placeholder_values(model: nn.Module, graph: fx.Graph, example_inputs: tuple[tuple, dict]) -> list:
+    """The value of each placeholder of ``graph`` for ``model.forward(*args, **kwargs)`` (``*args`` spread out)."""
     args, kwargs = example_inputs
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    signature = inspect.signature(model.forward)
+    bound = signature.bind(*args, **kwargs)
     bound.apply_defaults()
-    values = list(bound.arguments.values())
     flat = []
-    for node, value in zip(placeholders, values, strict=False):
-        param = inspect.signature(model.forward).parameters.get(node.target.lstrip("*"))
+    for node, value in zip(placeholders, bound.arguments.values(), strict=False):
+        param = signature.parameters.get(node.target.lstrip("*"))
         if param is not None and param.kind is inspect.Parameter.VAR_POSITIONAL:
             flat.extend(value)
         else:
             flat.append(value)
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
-    fake = tree_map(lambda t: mode.from_tensor(t) if isinstance(t, torch.Tensor) else t, flat)
-    gm = fx.GraphModule(model, graph)
-    with mode, eval_mode(model), torch.no_grad():
-        _ShapeInterpreter(gm).run(*fake)
+    return flat
 
 
 # -- export -------------------------------------------------------------------------------------------------------

@@ -94,6 +94,13 @@ def input_layout(v: Visit) -> Layout | None:
     return v.layout(first)
 
 
+def tie_axis(v: Visit, labels: torch.Tensor, axis: int) -> None:
+    """Couple the channels along ``axis`` of ``labels`` position by position, so that no position along it ever
+    disappears: its extent is fixed (a grouped conv's groups, a literal size, a picked index) while the positions
+    along the other axes go or stay together."""
+    v.couple(labels.narrow(axis, 0, 1).expand_as(labels), labels)
+
+
 def _is_ref(value: Any) -> bool:
     from lightning_prune.fusion.walk import TensorRef
 
