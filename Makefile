@@ -15,7 +15,7 @@ IDENTITY := import os, sys; print(os.path.realpath(getattr(sys, "_base_executabl
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install '$(TORCH)'
-	$(PY) -m pip install -e '.[dev,examples]'
+	$(PY) -m pip install -e '.[dev,examples,test]'
 	touch $@
 
 # Remove .venv when it was built with another interpreter than $(PYTHON).

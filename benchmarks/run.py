@@ -6,8 +6,9 @@ Sections (each printed as a markdown table and stored in the JSON):
 1. ``step()`` time of Saliency and FPGM on the MLP and VGG-11, ours vs the reference
    (``torch.ao.pruning._experimental.pruner``).
 2. Training-step overhead (forward + backward + SGD) with masks attached, vs the dense model and the reference.
-3. ``prepare()`` / ``prune()`` time on VGG-11, ResNet-18, ResNet-50 vs the reference and Torch-Pruning's
-   dependency-graph build + step, and the peak RSS of pruning ResNet-50 in a fresh process.
+3. ``prepare()`` / ``prune()`` time on VGG-11, ResNet-18, ResNet-50 (ours without and with example inputs) vs the
+   reference and Torch-Pruning's dependency-graph build + step, and the peak RSS of pruning ResNet-50 in a fresh
+   process.
 4. Forward latency of the pruned model vs dense at 25/50/75% channel sparsity, beside the MAC reduction.
 5. Size after pruning vs Torch-Pruning (from ``benchmarks/sizes.py``).
 6. Exactness: max |masked - pruned| for ours and for the reference where it runs.
@@ -209,15 +210,19 @@ def _train_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> Call
 
 # -- 3. prepare() / prune() ----------------------------------------------------------------------------------
 class SparsifierTool:
-    """A seed-API pruner (ours or the reference): prepare, then step, then prune."""
+    """A seed-API pruner (ours or the reference): prepare, then step, then prune. ``shapes``: prepare with the
+    model's example input, so shapes are known (ours only)."""
 
     def __init__(self, make: Callable[[dict[str, object]], object], sparsity: float = 0.5,
-                 config_of: Callable[[nn.Module], list[dict[str, object]]] = reference_config):
-        self.make, self.sparsity, self.config_of = make, sparsity, config_of
+                 config_of: Callable[[nn.Module], list[dict[str, object]]] = reference_config, shapes: bool = False):
+        self.make, self.sparsity, self.config_of, self.shapes = make, sparsity, config_of, shapes
 
     def prepare(self, model: nn.Module) -> None:
         self.pruner = self.make({"sparsity_level": self.sparsity})
-        self.pruner.prepare(model, self.config_of(model))
+        if self.shapes:
+            self.pruner.prepare(model, self.config_of(model), example_inputs=(model.example_input(),))
+        else:
+            self.pruner.prepare(model, self.config_of(model))
 
     def step(self) -> None:
         self.pruner.step()
@@ -246,6 +251,7 @@ class TorchPruningTool:
 
 TOOLS: dict[str, Callable[..., SparsifierTool | TorchPruningTool]] = {
     "ours": lambda sparsity=0.5: SparsifierTool(SaliencyPruner, sparsity),
+    "ours, example inputs": lambda sparsity=0.5: SparsifierTool(SaliencyPruner, sparsity, shapes=True),
     "reference": lambda sparsity=0.5: SparsifierTool(reference.SaliencyPruner, sparsity),
     "torch_pruning": TorchPruningTool,
 }
@@ -333,6 +339,10 @@ def _pruned_by(tool_name: str, dense: nn.Module, sparsity: float) -> nn.Module:
     return getattr(tool.pruner, "traced", model)  # the reference's prune() builds a GraphModule
 
 
+#: the tools whose pruned models differ (with example inputs ours prunes these models to the same widths)
+PRUNED_MODELS = ("ours", "reference", "torch_pruning")
+
+
 def section_latency(names: list[str], settings: Settings, factories: dict[str, ModelFactory] = MODELS) -> list[Row]:
     """Eval forward latency of each pruned model vs dense, with the MAC reduction it should buy."""
     rows = []
@@ -341,7 +351,7 @@ def section_latency(names: list[str], settings: Settings, factories: dict[str, M
         x = example(dense, settings.latency_batch)
         variants: dict[tuple[str, float], nn.Module] = {("dense", 0.0): dense}
         for sparsity in settings.sparsities:
-            for tool in TOOLS:
+            for tool in PRUNED_MODELS:
                 try:
                     variants[tool, sparsity] = _pruned_by(tool, dense, sparsity).eval()
                 except Exception as exc:
@@ -451,7 +461,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         ("prune", "3. prepare() and prune() (s)",
          lambda: section_prune(["VGG-11", "ResNet-18", "ResNet-50"], settings)),
         ("rss", "3b. peak RSS while pruning ResNet-50 (fresh process, MiB)",
-         lambda: [peak_rss(tool) for tool in ("ours", "torch_pruning")]),
+         lambda: [peak_rss(tool) for tool in ("ours", "ours, example inputs", "torch_pruning")]),
         ("latency", f"4. pruned forward latency vs MACs (batch {settings.latency_batch})",
          lambda: section_latency(list(settings.latency_models), settings)),
         ("sizes", "5. size after 50% pruning vs Torch-Pruning", lambda: section_sizes(settings)),

@@ -2,11 +2,12 @@
 
     python benchmarks/sizes.py [--quick]
 
-For each model in benchmarks/models.py, every conv/linear except the final classifier is pruned at 50%: ours with
-``SaliencyPruner`` (L1 row norms, coupled sets decided together), Torch-Pruning with its MagnitudePruner and L1
-importance. Prints a markdown table (params, MACs, our exactness max |masked - pruned|) and writes
-benchmarks/sizes.json. Then times our prepare/step/prune on ResNet-50 (224 input) against Torch-Pruning's
-dependency-graph build + step. ``--quick`` leaves out ResNet-50.
+For each model in benchmarks/models.py and each CNN family replica in benchmarks/families.py, every conv/linear
+except the final classifier is pruned at 50%: ours with ``SaliencyPruner`` (L1 row norms, coupled sets decided
+together, the example input given so shapes are known), Torch-Pruning with its MagnitudePruner and L1 importance.
+Prints a markdown table (params, MACs and the MACs kept, our exactness max |masked - pruned|; Torch-Pruning's
+failure where it has no result) and writes benchmarks/sizes.json. Then times our prepare/step/prune on ResNet-50
+(224 input) against Torch-Pruning's dependency-graph build + step. ``--quick`` leaves out ResNet-50.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import models  # noqa: E402
+from benchmarks import families, models  # noqa: E402
 from lightning_prune.measure import count_macs, count_params  # noqa: E402
 from lightning_prune.sparsifier import SaliencyPruner  # noqa: E402
 
@@ -42,14 +43,18 @@ MODELS: dict[str, Callable[[], nn.Module]] = {
     "Grouped conv": models.GroupedConvNet,
     "ConvTranspose U-Net": models.ConvTransposeNet,
     "MLP 8x1024": models.MLP,
+    **families.FAMILIES,
 }
 TIMED_MODEL = "ResNet-50 (224)"
-#: why ours keeps more than Torch-Pruning on a model: both are deliberate refusals to narrow inexactly
+#: why ours keeps more than Torch-Pruning on a model, or why Torch-Pruning has no result
 NOTES = {
     "Transformer MLP": "the residual stream feeds LayerNorm, whose statistics span it; only the hidden width is "
                        "pruned. Torch-Pruning narrows the LayerNorm too, which changes its output.",
-    "Grouped conv": "groups=4 (not depthwise) is refused, so the grouped conv and its producer stay; Torch-Pruning "
-                    "prunes channels within groups.",
+    "ShuffleNetV2": "Torch-Pruning's pruning step fails on chunk + channel shuffle (IndexError), so it has no "
+                    "result.",
+    "CSP": "Torch-Pruning's pruning step fails on C2f's chunk and concatenation (IndexError), so it has no result.",
+    "GhostNet": "Torch-Pruning leaves most ghost modules (the concatenation and slice of a primary and a cheap conv) "
+                "whole; ours halves every one.",
 }
 
 
@@ -68,7 +73,7 @@ def prune_ours(model: nn.Module, x: torch.Tensor) -> tuple[dict[str, float], flo
     """Prune in place with our pruner; returns the phase timings and max |masked - pruned| on ``x``."""
     pruner = SaliencyPruner(sparsity_level=SPARSITY)
     start = time.perf_counter()
-    pruner.prepare(model, None, exclude_output=True)
+    pruner.prepare(model, None, exclude_output=True, example_inputs=(x,))
     prepared = time.perf_counter()
     pruner.step()
     stepped = time.perf_counter()
@@ -105,15 +110,24 @@ def measure(name: str) -> dict[str, object]:
         reference = dense(x)
     ours, theirs = copy.deepcopy(dense), copy.deepcopy(dense)
     our_times, drift = prune_ours(ours, x)
-    tp_times = prune_torch_pruning(theirs, x)
-    return {
+    row: dict[str, object] = {
         "model": name,
-        "params": {"dense": count_params(dense), "ours": count_params(ours), "torch_pruning": count_params(theirs)},
-        "macs": {"dense": count_macs(dense, x), "ours": count_macs(ours, x), "torch_pruning": count_macs(theirs, x)},
+        "params": {"dense": count_params(dense), "ours": count_params(ours)},
+        "macs": {"dense": count_macs(dense, x), "ours": count_macs(ours, x)},
         "ours_max_abs_drift": drift,
         "ours_relative_drift": drift / max(1.0, reference.abs().max().item()),
-        "seconds": {"ours": our_times, "torch_pruning": tp_times},
+        "seconds": {"ours": our_times},
     }
+    try:
+        row["seconds"]["torch_pruning"] = prune_torch_pruning(theirs, x)
+        with torch.no_grad():
+            theirs(x)
+    except Exception as exc:  # noqa: BLE001 - its failure is a result: ours is the only pruned model
+        row["torch_pruning_error"] = f"{type(exc).__name__}: {exc}"
+        return row
+    row["params"]["torch_pruning"] = count_params(theirs)
+    row["macs"]["torch_pruning"] = count_macs(theirs, x)
+    return row
 
 
 def _warm_up() -> None:
@@ -132,19 +146,23 @@ def _human(n: float) -> str:
 
 
 def table(rows: list[dict[str, object]]) -> str:
+    """Params and MACs per tool, and the MACs each keeps (lower is smaller); 'fails' where Torch-Pruning has none."""
     lines = [
-        "| model | params dense | ours 50% | Torch-Pruning 50% | ours / TP | MACs dense | MACs ours | MACs TP "
-        "| ours max rel. drift |",
+        "| model | params dense | ours 50% | Torch-Pruning 50% | MACs dense | MACs kept, ours | MACs kept, TP "
+        "| ours / TP (MACs) | ours max rel. drift |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         params, macs = row["params"], row["macs"]
-        lines.append(
-            f"| {row['model']} | {_human(params['dense'])} | {_human(params['ours'])} "
-            f"| {_human(params['torch_pruning'])} | {params['ours'] / params['torch_pruning']:.2f} "
-            f"| {_human(macs['dense'])} | {_human(macs['ours'])} | {_human(macs['torch_pruning'])} "
-            f"| {row['ours_relative_drift']:.1e} |"
-        )
+        ours = macs["ours"] / macs["dense"]
+        if "torch_pruning" in macs:
+            theirs = macs["torch_pruning"] / macs["dense"]
+            tp_cells = f"{_human(params['torch_pruning'])} | {_human(macs['dense'])} | {ours:.2f} | {theirs:.2f} " \
+                       f"| {ours / theirs:.2f}"
+        else:
+            tp_cells = f"fails | {_human(macs['dense'])} | {ours:.2f} | fails | -"
+        lines.append(f"| {row['model']} | {_human(params['dense'])} | {_human(params['ours'])} | {tp_cells} "
+                     f"| {row['ours_relative_drift']:.1e} |")
     return "\n".join(lines)
 
 

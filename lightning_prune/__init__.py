@@ -6,6 +6,7 @@ from lightning_prune.errors import PrunerStateError, PruningConfigError, Unsuppo
 from lightning_prune.fusion import (
     BlockingRule,
     ChannelwiseRule,
+    ContainerRule,
     ElementwiseRule,
     LayerRule,
     Rule,
@@ -37,6 +38,7 @@ __all__ = [
     "Budget",
     "BlockingRule",
     "ChannelwiseRule",
+    "ContainerRule",
     "ElementwiseRule",
     "FPGMPruner",
     "FakeStructuredSparsity",

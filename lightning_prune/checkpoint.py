@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from lightning_prune.errors import PruningConfigError
-from lightning_prune.fusion.rules import rule_for
+from lightning_prune.fusion.rules import registry, rule_for
 from lightning_prune.masks import bake_masks, has_masks
 from lightning_prune.sparsifier import BaseStructuredSparsifier
 
@@ -151,10 +151,11 @@ def resize_to(model: nn.Module, state_dict: Mapping[str, torch.Tensor], prefix: 
                 resized = True
         if resized:
             rule = rule_for(module)
-            if hasattr(rule, "sync"):
+            if rule is not None:
                 rule.sync(module)
             changed.append(name)
-    return changed
+    synced = registry.sync_containers(model, [model.get_submodule(name) for name in changed])  # head counts
+    return changed + [name for name, module in model.named_modules() if module in synced and name not in changed]
 
 
 def fuse_masked(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, config: list[dict] | None = None,

@@ -476,13 +476,16 @@ def assert_outputs_match(expected: torch.Tensor, actual: torch.Tensor, rtol: flo
 
 
 def randomize_norms(model: nn.Module) -> None:
-    """Give each BatchNorm/LayerNorm statistics and affine values far from 0 and 1, so slicing errors show."""
+    """Give each norm (BatchNorm, InstanceNorm, GroupNorm, LayerNorm) statistics and affine values far from 0 and 1,
+    and each PReLU slopes far from its default, so slicing errors show."""
     with torch.no_grad():
         for module in model.modules():
-            norms = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
-            if isinstance(module, norms) and module.running_mean is not None:
+            if isinstance(module, nn.modules.batchnorm._NormBase) and module.running_mean is not None:
                 module.running_mean.uniform_(-1.0, 1.0)
                 module.running_var.uniform_(0.5, 2.0)
-            if isinstance(module, (*norms, nn.LayerNorm, nn.GroupNorm)) and module.weight is not None:
+            if isinstance(module, (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)) and (
+                    module.weight is not None):
                 module.weight.uniform_(0.5, 1.5)
                 module.bias.uniform_(-1.0, 1.0)
+            if isinstance(module, nn.PReLU):
+                module.weight.uniform_(0.05, 0.5)

@@ -1,5 +1,5 @@
 """Fusion on real architectures (issue 5): ResNets, VGG, MobileNetV2, Inception, Conv1d, transformer MLPs,
-grouped and transposed convs, and user-registered layers.
+grouped (groups kept) and transposed convs, and user-registered layers.
 
 Every model is pruned at 50% with BatchNorm statistics randomised, in eval mode: the pruned model must compute
 what the masked model computed, and the configured layers must really get narrower. Widths and inputs are tiny so
@@ -34,8 +34,8 @@ ARCHITECTURES: dict[str, tuple[Callable[[], nn.Module], float, float]] = {
     "temporal_conv": (lambda: archs.TemporalConvNet(width=16, length=16), 0.35, 0.55),
     # the residual stream runs through LayerNorm and stays; only the hidden width goes
     "transformer_mlp": (lambda: archs.TransformerMLP(dim=16, hidden=64), 0.6, 0.6),
-    # the grouped conv and its producer stay; only the conv after it is pruned
-    "grouped_conv": (lambda: archs.GroupedConvNet(width=16), 0.9, 0.9),
+    # grouped: the same positions go in every group, inputs and outputs
+    "grouped_conv": (lambda: archs.GroupedConvNet(width=16), 0.35, 0.6),
     "conv_transpose": (lambda: archs.ConvTransposeNet(width=8), 0.3, 0.55),
     "mlp": (lambda: archs.MLP(width=64, depth=3), 0.35, 0.35),
 }
@@ -212,18 +212,18 @@ def test_transformer_mlp_residual_stream_is_blocked_by_layernorm(fqns: tuple[str
     assert not any(parametrize.is_parametrized(m) for m in model.modules()), "a refused prepare() changes nothing"
 
 
-@pytest.mark.parametrize("fqn", ["grouped.weight", "conv1.weight"])
-def test_grouped_conv_configured_explicitly_is_refused(fqn: str) -> None:
+@pytest.mark.parametrize("prune_bias", [True, False], ids=["prune_bias", "keep_bias"])
+def test_grouped_conv_keeps_its_groups_and_loses_the_same_positions_in_each(prune_bias: bool) -> None:
     model = archs.GroupedConvNet(width=16, groups=4)
-    with pytest.raises(lp.UnsupportedPatternError, match=r"grouped convolution \(groups=4.*depthwise"):
-        lp.SaliencyPruner().prepare(model, config_for(fqn))
-
-
-def test_grouped_conv_is_left_out_with_config_none() -> None:
-    model = archs.GroupedConvNet(width=16, groups=4)
-    pruner = lp.SaliencyPruner()
-    pruner.prepare(model, None)
-    assert {g["tensor_fqn"] for g in pruner.groups} == {"conv3.weight", "head.weight"}
+    pruner = prune_exactly(model, config_for("conv1.weight", "grouped.weight", "conv3.weight"), prune_bias)
+    grouped = model.grouped
+    assert grouped.groups == 4 and grouped.in_channels % 4 == 0 and grouped.out_channels % 4 == 0
+    assert grouped.out_channels == 16 and model.conv3.in_channels == 16, "half of each group's outputs go"
+    if prune_bias:  # with biases kept, conv1's constants meet the grouped conv's padding and its channels stay
+        assert grouped.in_channels == model.conv1.out_channels == 8
+    for fqn, groups in (("conv1.weight", 4), ("grouped.weight", 4)):
+        parts = pruner.state[fqn]["mask"].reshape(groups, -1)
+        assert (parts == parts[:1]).all(), f"{fqn}: every group keeps the same positions"
 
 
 @pytest.mark.parametrize("prune_bias", [True, False], ids=["prune_bias", "keep_bias"])

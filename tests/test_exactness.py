@@ -51,16 +51,18 @@ def prune_and_compare(
     narrows: tuple[str, ...],
     coupled: tuple[str, ...] = (),
     output: Callable = lambda y: y,
+    shapes: bool = False,
 ) -> None:
     """Mask rows of ``tensors``, prune, and check that the output is unchanged and ``narrows`` got narrower.
 
     A narrowed tensor keeps exactly its mask's rows, except in a coupled set pruned by a per-tensor pruner
-    whose members disagree: there a row stays if any member keeps it.
+    whose members disagree: there a row stays if any member keeps it. ``shapes``: prepare with ``x`` as the
+    example input.
     """
     randomize_norms(model)
     model.eval()
     before = {fqn: rows(model, fqn) for fqn in tensors}
-    pruner.prepare(model, [{"tensor_fqn": fqn} for fqn in tensors])
+    pruner.prepare(model, [{"tensor_fqn": fqn} for fqn in tensors], example_inputs=(x,) if shapes else None)
     pruner.enable_mask_update = True
     pruner.step()
     kept = {fqn: int(pruner.state[fqn]["mask"].sum()) for fqn in tensors}

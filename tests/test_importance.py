@@ -12,6 +12,8 @@ from torch import nn
 from lightning_prune import ActivationPruner, PrunerStateError, PruningConfigError, TaylorPruner
 from lightning_prune.errors import UnsupportedPatternError
 from lightning_prune.masks import has_masks
+from tests.models import assert_outputs_match
+from tests.transformer_models import hand
 
 
 class MLP(nn.Module):
@@ -236,3 +238,21 @@ def test_statistics_round_trip_and_refuse_a_wrong_shape():
 def test_bad_pruner_arguments_fail_at_construction(make, match):
     with pytest.raises(PruningConfigError, match=match):
         make()
+
+
+@pytest.mark.parametrize("pruner_class", [TaylorPruner, ActivationPruner])
+def test_statistics_decide_whole_attention_heads_and_prune_exactly(pruner_class):
+    model, inputs = hand()
+    pruner = pruner_class(sparsity_level=0.5)
+    pruner.prepare(model, [{"tensor_fqn": "qkv.weight"}], example_inputs=inputs)
+    model.train()
+    model(*inputs).square().mean().backward()
+    pruner.step()
+    heads = model.qkv.parametrizations.weight[0].mask.reshape(3, 4, 8)  # q, k, v x 4 heads x 8 channels
+    assert (heads == heads[..., :1]).all() and (heads == heads[:1]).all()  # whole heads, the same in q, k and v
+    assert int(heads[0, :, 0].sum()) == 2
+    model.eval()
+    expected = model(*inputs)
+    pruner.prune()
+    assert_outputs_match(expected, model(*inputs))
+    assert model.proj.in_features == 16

@@ -272,27 +272,26 @@ def test_unbatched_conv_chain_prunes_exactly() -> None:
 
 
 # -- weights the graph never calls as a module ------------------------------------------------------------------
-class LeafAttention(nn.Module):
-    """nn.MultiheadAttention is a leaf to fx: its out_proj Linear is never called as a module."""
+class LeafEncoder(nn.Module):
+    """nn.TransformerEncoderLayer is a leaf to fx with no rule: its inner Linears are never called as modules."""
 
     def __init__(self):
         super().__init__()
         self.fc, self.head = nn.Linear(8, 16), nn.Linear(16, 3)
-        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.encoder = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, batch_first=True)
 
     def forward(self, x):
-        h = self.fc(x)
-        return self.head(self.attn(h, h, h, need_weights=False)[0])
+        return self.head(self.encoder(self.fc(x)))
 
 
 def test_weights_inside_a_leaf_module_are_never_picked_and_refused_when_named() -> None:
     pruner = lp.SaliencyPruner()
-    model = LeafAttention()
-    with pytest.raises(lp.UnsupportedPatternError, match=r"'attn.out_proj.weight' is never used as a layer's output"):
-        pruner.prepare(model, config_for("attn.out_proj.weight"))
+    model = LeafEncoder().eval()
+    with pytest.raises(lp.UnsupportedPatternError, match=r"'encoder.linear1.weight' is never used as a layer's output"):
+        pruner.prepare(model, config_for("encoder.linear1.weight"))
     assert not any(parametrize.is_parametrized(m) for m in model.modules())
     pruner.prepare(model, None, exclude_output=True)
-    assert not any(g["tensor_fqn"].startswith("attn.") for g in pruner.groups)
+    assert not any(g["tensor_fqn"].startswith("encoder.") for g in pruner.groups)
     pruner.step()
     pruner.prune()
     assert model(torch.randn(2, 5, 8)).shape == (2, 5, 3)

@@ -55,6 +55,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     seed_everything(cfg.seed, workers=True)
     module: LightningModule = instantiate(cfg.module)
+    module.example_input_array = example_input  # lets pruning read models fx cannot trace (transformers)
     dense_net = copy.deepcopy(module.net)
     trainer: Trainer = instantiate(cfg.trainer, callbacks=list(callbacks.values()))
     trainer.fit(module, datamodule=datamodule)

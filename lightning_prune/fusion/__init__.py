@@ -7,6 +7,7 @@ rules, ``plan`` settles what can be pruned, ``attach`` puts the masks on, and ``
 from lightning_prune.fusion.rules import (
     BlockingRule,
     ChannelwiseRule,
+    ContainerRule,
     ElementwiseRule,
     LayerRule,
     Rule,
@@ -18,6 +19,6 @@ from lightning_prune.fusion.rules import (
 )
 
 __all__ = [
-    "BlockingRule", "ChannelwiseRule", "ElementwiseRule", "LayerRule", "Rule", "RuleKind", "register_by_name",
-    "register_function", "register_layer", "rules_scope",
+    "BlockingRule", "ChannelwiseRule", "ContainerRule", "ElementwiseRule", "LayerRule", "Rule", "RuleKind",
+    "register_by_name", "register_function", "register_layer", "rules_scope",
 ]

@@ -193,6 +193,8 @@ def _mutate(ctx: FuseContext, keeps, folds, lineage: list) -> None:
                 action_rule.narrow(module, data, ctx)
             if rule is not None:
                 rule.sync(module)
+    changed = [m for m in modules if id(m) in touched or id(m) in actions or id(m) in folds]
+    registry.sync_containers(plan.model, changed, before=surgery.snapshot)
 
 
 def _unmask(module: nn.Module, surgery: Surgery, order: list[str] | None) -> dict[str, tuple[int, torch.Tensor]]:

@@ -50,15 +50,17 @@ class IdValues:
         return IdValues(ids, first), flat[clash].unique()
 
     @staticmethod
-    def merge(maps: list[IdValues]) -> IdValues:
+    def merge(maps: list[IdValues]) -> tuple[IdValues, torch.Tensor]:
+        """One map from several; also the ids that the maps give different values (``cat([x, bn(x)])`` holds
+        one channel at two positions with two constants, which no value per id describes)."""
         maps = [m for m in maps if m.ids.numel()]
         if not maps:
-            return IdValues.empty()
+            return IdValues.empty(), torch.empty(0, dtype=torch.long)
         ids = torch.cat([m.ids for m in maps])
         values = torch.cat([m.values for m in maps])
         unique, inverse = torch.unique(ids, return_inverse=True)
         merged = torch.zeros(unique.shape, dtype=torch.float64).scatter_(0, inverse, values)
-        return IdValues(unique, merged)
+        return IdValues(unique, merged), ids[merged[inverse] != values].unique()
 
 
 def _layouts(value) -> list[Layout]:
@@ -83,7 +85,9 @@ def propagate(walk: Walk) -> tuple[dict[str, IdValues], torch.Tensor]:
             result = rule.const(visit, *positional)
             outputs = _layouts(walk.values[node.name])
             if result is None or not outputs:
-                consts[node.name] = IdValues.merge([consts[a.name] for a in node.all_input_nodes if a.name in consts])
+                consts[node.name], clash = IdValues.merge([consts[a.name] for a in node.all_input_nodes
+                                                           if a.name in consts])
+                dependent.append(clash)
                 continue
             values, varies = result if isinstance(result, tuple) else (result, False)
             labels = outputs[0].labels

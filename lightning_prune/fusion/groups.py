@@ -44,12 +44,15 @@ class ChannelGroups:
     blocks: list[Block] = field(default_factory=list)
     outputs: list[torch.Tensor] = field(default_factory=list)
     root: torch.Tensor | None = None
+    #: blocked_classes() by its filter, until the next id, coupling or block (a 1B model has ~10^5 blocked classes)
+    _blocked: dict = field(default_factory=dict, repr=False)
 
     def fresh(self, n: int) -> torch.Tensor:
         """``n`` new channel ids."""
         ids = torch.arange(self.size, self.size + n, dtype=torch.long)
         self.size += n
         self.root = None
+        self._blocked.clear()
         return ids
 
     def couple(self, a: torch.Tensor, b: torch.Tensor, where: str) -> None:
@@ -63,12 +66,14 @@ class ChannelGroups:
         if live.any():
             self.couplings.append(Coupling(a[live], b[live], where))
             self.root = None
+            self._blocked.clear()
 
     def block(self, ids: torch.Tensor, reason: str, retain: bool = False) -> None:
         ids = ids.reshape(-1)
         ids = ids[ids >= 0]
         if ids.numel():
             self.blocks.append(Block(ids.unique(), reason, retain))
+            self._blocked.clear()
 
     def mark_output(self, ids: torch.Tensor) -> None:
         ids = ids.reshape(-1)
@@ -112,6 +117,8 @@ class ChannelGroups:
 
     def blocked_classes(self, retained: bool | None = None) -> dict[int, list[str]]:
         """Class -> the reasons it can never be removed (``retained`` filters by block kind)."""
+        if retained in self._blocked:
+            return self._blocked[retained]
         root = self.solve()
         reasons: dict[int, list[str]] = defaultdict(list)
         for block in self.blocks:
@@ -120,7 +127,17 @@ class ChannelGroups:
             for cls in root[block.ids].unique().tolist():
                 if block.reason not in reasons[cls]:
                     reasons[cls].append(block.reason)
-        return dict(reasons)
+        self._blocked[retained] = dict(reasons)
+        return self._blocked[retained]
+
+    def blocked_mask(self) -> torch.Tensor:
+        """A bool per channel id, read at class roots: whether the class is blocked (cached like blocked_classes)."""
+        if "mask" not in self._blocked:
+            mask = torch.zeros(self.size, dtype=torch.bool)
+            blocked = list(self.blocked_classes())
+            mask[torch.tensor(blocked, dtype=torch.long)] = True
+            self._blocked["mask"] = mask
+        return self._blocked["mask"]
 
     def output_classes(self) -> set[int]:
         root = self.solve()

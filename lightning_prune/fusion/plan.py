@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from lightning_prune.errors import OutputReachedError, UnsupportedPatternError
+from lightning_prune.fusion.dryrun import dry_run
 from lightning_prune.fusion.trace import trace
 from lightning_prune.fusion.walk import Producer, Walk, walk
 
@@ -219,11 +220,28 @@ def analyse(
         chosen = [p.tensor_fqn for p in found if select is None or select(p.tensor_fqn)]
     chosen_keys = {id(producers[fqn]) for fqn in chosen}
     for producer in state.producers.values():
-        if id(producer) not in chosen_keys:
+        if id(producer) not in chosen_keys and not producer.follows:
             state.groups.block(producer.labels, f"its channels are tied to those of '{producer.tensor_fqn}', which "
                                                 "is not configured (configure both)")
     dropped: dict[str, str] = dict(missing) if explicit else {}
     retained: dict[str, str] = {}
+    while True:  # an export-mode plan is checked by a dry run, which may block more (then settle again)
+        chosen = _settle(state, producers, chosen, explicit, exclude_output, dropped, retained, strict)
+        members = []
+        for fqn in chosen:
+            producer = producers[fqn]
+            module_fqn, _, name = fqn.rpartition(".")
+            module = model.get_submodule(module_fqn)
+            members.append(Member(module, module_fqn, name, fqn, producer.dim, producer.labels, producer.rule))
+        plan = PruningPlan(model, state, members, dropped, retained, example_inputs=example_inputs)
+        if state.traced.front_end != "export" or not dry_run(plan, example_inputs):
+            return plan
+
+
+def _settle(state: Walk, producers: dict[str, Producer], chosen: list[str], explicit: bool, exclude_output: bool,
+            dropped: dict[str, str], retained: dict[str, str], strict: bool) -> list[str]:
+    """The configured tensors that stay members: refuse (explicit config) or leave out (config=None, recorded in
+    ``dropped``) those with no removable channel or, with ``exclude_output``, whose channels reach the output."""
     while True:
         blocked = state.groups.blocked_classes()
         outputs = state.groups.output_classes() if exclude_output else set()
@@ -247,7 +265,7 @@ def analyse(
                 "width (a classifier would lose classes). Leave them out of the config, or opt in to narrowing the "
                 "output explicitly.")
         if not problems:
-            break
+            return chosen
         if explicit and strict:
             raise UnsupportedPatternError("\n".join(f"cannot prune '{fqn}' exactly: {reason}"
                                                      for fqn, reason in problems.items()))
@@ -255,13 +273,6 @@ def analyse(
             dropped[fqn] = reason
             state.groups.block(producers[fqn].labels, f"'{fqn}' is left out ({reason})")
         chosen = [fqn for fqn in chosen if fqn not in dropped]
-    members = []
-    for fqn in chosen:
-        producer = producers[fqn]
-        module_fqn, _, name = fqn.rpartition(".")
-        module = model.get_submodule(module_fqn)
-        members.append(Member(module, module_fqn, name, fqn, producer.dim, producer.labels, producer.rule))
-    return PruningPlan(model, state, members, dropped, retained, example_inputs=example_inputs)
 
 
 def _summary(reasons: list[str], shown: int = 2) -> str:

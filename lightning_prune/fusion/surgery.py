@@ -123,29 +123,30 @@ class Surgery:
     def narrow(self, old: torch.Tensor, keeps: dict[int, torch.Tensor]) -> torch.Tensor:
         """A view of ``old`` holding only the indices ``keeps[dim]`` (ascending) along each dim.
 
-        ``old``'s storage is permuted in place so the kept indices come first (undone on rollback); the view is
-        made compact, and ``old`` released, by :meth:`finalize` once every edit has succeeded.
+        The kept entries are moved to the front of ``old``'s own storage (the few removed entries they overwrite are
+        kept aside, so rollback puts everything back); the view is made compact, and ``old`` released, by
+        :meth:`finalize` once every edit has succeeded. Extra memory: about the size of the narrowed tensor.
         """
         self._edit()
-        data = old.detach()
-        perms = []
+        view = old.detach()
+        moves = []
         with torch.no_grad():
             for dim, index in sorted(keeps.items()):
-                index = index.to(old.device)
-                size = data.shape[dim]
-                rest = torch.ones(size, dtype=torch.bool, device=old.device)
-                rest[index] = False
-                perm = torch.cat([index, rest.nonzero().flatten()])
-                if not torch.equal(perm, torch.arange(size, device=old.device)):
-                    data.copy_(data.index_select(dim, perm))
-                    perms.append((dim, perm))
-            view = data
-            for dim, index in keeps.items():
-                view = view.narrow(dim, 0, index.numel())
+                index, count = index.to(old.device), index.numel()
+                if not torch.equal(index, torch.arange(count, device=old.device)):
+                    kept = torch.zeros(view.shape[dim], dtype=torch.bool, device=old.device)
+                    kept[index] = True
+                    overwritten = (~kept[:count]).nonzero().flatten()
+                    saved = view.index_select(dim, overwritten)
+                    view.narrow(dim, 0, count).copy_(view.index_select(dim, index))
+                    moves.append((view, dim, index, overwritten, saved))
+                view = view.narrow(dim, 0, count)
 
         def undo() -> None:
-            for dim, perm in reversed(perms):
-                data.copy_(data.index_select(dim, torch.argsort(perm)))
+            for whole, dim, index, overwritten, saved in reversed(moves):
+                front = whole.narrow(dim, 0, index.numel()).clone()
+                whole.index_copy_(dim, index, front)
+                whole.index_copy_(dim, overwritten, saved)
 
         self._undo.append(undo)
         return view

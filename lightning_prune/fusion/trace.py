@@ -1,8 +1,9 @@
 """Front ends: turn a model into one fx graph that the walk reads, with shapes when example inputs are given.
 
 - ``torch.fx`` symbolic tracing (the seed's API: no inputs needed). Every module with a fusion rule is a leaf, so it
-  appears as one ``call_module`` node; with example inputs, fake tensors give every node its shape and dtype
-  (``node.meta["val"]``) at no real compute or memory.
+  appears as one ``call_module`` node; with example inputs, a run on meta-device stand-ins (fake tensors where the
+  forward makes tensors of its own) gives every node its shape and dtype (``node.meta["val"]``) at no real compute
+  or memory.
 - ``torch.export`` (non-strict) for models fx cannot trace, such as Hugging Face transformers. Its core-ATen graph is
   rewritten into the same vocabulary: each call of a module with a rule collapses back into one ``call_module`` node
   (found from ``nn_module_stack``), lifted parameters become ``get_attr`` nodes, and the remaining ops keep their ATen
@@ -19,6 +20,7 @@ import linecache
 import os
 import re
 import sys
+import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -53,7 +55,7 @@ class _Tracer(fx.Tracer):
         super().__init__(autowrap_functions=functions)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return registry.active().module_rule(m) is not None or super().is_leaf_module(m, module_qualified_name)
+        return _leaf_rule(m) or super().is_leaf_module(m, module_qualified_name)
 
     def create_node(self, *args, **kwargs) -> fx.Node:
         node = super().create_node(*args, **kwargs)
@@ -76,6 +78,12 @@ def _user_frame() -> str | None:
 
 
 _TRACE_CODE = fx.Tracer.trace.__code__
+
+
+def _leaf_rule(module: nn.Module) -> bool:
+    """Whether the module has a rule that reads its call as one node (container rules are traced through)."""
+    rule = registry.active().module_rule(module)
+    return rule is not None and not rule.transparent
 
 
 def trace(model: nn.Module, example_inputs: tuple[tuple, dict] | None = None) -> Traced:
@@ -111,27 +119,58 @@ class _ShapeInterpreter(fx.Interpreter):
         return result
 
 
-def _propagate_shapes(model: nn.Module, graph: fx.Graph, example_inputs: tuple[tuple, dict]) -> None:
-    """Run the graph on fake tensors: shapes and dtypes for every node, no real compute."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
+class _Run(nn.Module):
+    """Runs ``graph`` over ``model`` recording every node's value; a module, so ``functional_call`` can swap the
+    model's tensors for meta-device stand-ins while it runs."""
 
+    def __init__(self, model: nn.Module, graph: fx.Graph):
+        super().__init__()
+        self.model = model
+        self.graph = graph
+
+    def forward(self, *args):
+        return _ShapeInterpreter(self.model, graph=self.graph).run(*args)
+
+
+def _propagate_shapes(model: nn.Module, graph: fx.Graph, example_inputs: tuple[tuple, dict]) -> None:
+    """Shapes and dtypes for every node, with no real compute or memory.
+
+    The graph runs on meta-device stand-ins of the inputs, parameters and buffers (shapes only: C++ meta kernels, a
+    few times faster than fake tensors). A forward that makes tensors of its own on a real device cannot mix them
+    with meta ones; it runs again under fake tensors, which intercept those too.
+    """
+    flat = _placeholder_values(model, graph, example_inputs)
+    run = _Run(model, graph)
+    try:
+        stand_ins = {name: torch.empty_like(t, device="meta")
+                     for name, t in (*run.named_parameters(), *run.named_buffers())}
+        meta = tree_map(lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t, flat)
+        with eval_mode(model), torch.no_grad():
+            torch.func.functional_call(run, stand_ins, tuple(meta), strict=False, tie_weights=True)
+    except Exception:  # noqa: BLE001 - tensors made on a real device in forward: fake tensors cover them
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        mode = FakeTensorMode(allow_non_fake_inputs=True)
+        fake = tree_map(lambda t: mode.from_tensor(t) if isinstance(t, torch.Tensor) else t, flat)
+        with mode, eval_mode(model), torch.no_grad():
+            run(*fake)
+
+
+def _placeholder_values(model: nn.Module, graph: fx.Graph, example_inputs: tuple[tuple, dict]) -> list:
+    """The value of each placeholder of ``graph`` for ``model.forward(*args, **kwargs)`` (``*args`` spread out)."""
     args, kwargs = example_inputs
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    signature = inspect.signature(model.forward)
+    bound = signature.bind(*args, **kwargs)
     bound.apply_defaults()
-    values = list(bound.arguments.values())
     flat = []
-    for node, value in zip(placeholders, values, strict=False):
-        param = inspect.signature(model.forward).parameters.get(node.target.lstrip("*"))
+    for node, value in zip(placeholders, bound.arguments.values(), strict=False):
+        param = signature.parameters.get(node.target.lstrip("*"))
         if param is not None and param.kind is inspect.Parameter.VAR_POSITIONAL:
             flat.extend(value)
         else:
             flat.append(value)
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
-    fake = tree_map(lambda t: mode.from_tensor(t) if isinstance(t, torch.Tensor) else t, flat)
-    gm = fx.GraphModule(model, graph)
-    with mode, eval_mode(model), torch.no_grad():
-        _ShapeInterpreter(gm).run(*fake)
+    return flat
 
 
 # -- export -------------------------------------------------------------------------------------------------------
@@ -163,26 +202,28 @@ def _collapse(model: nn.Module, program) -> fx.Graph:
     lifted = {**signature.inputs_to_parameters, **signature.inputs_to_buffers,
               **getattr(signature, "inputs_to_lifted_tensor_constants", {})}
     modules = dict(model.named_modules())
-    rules = registry.active()
     nodes = list(program.graph.nodes)
     owner: dict[fx.Node, tuple[str, str]] = {}  # node -> (call key, module fqn) of the outermost module with a rule
     for node in nodes:
         if node.op != "call_function":
             continue
         for key, (path, _type) in (node.meta.get("nn_module_stack") or {}).items():
-            fqn = _fqn(path, modules)
-            if fqn is not None and fqn in modules and rules.module_rule(modules[fqn]) is not None:
+            fqn = module_path(path, modules)
+            if fqn is not None and fqn in modules and _leaf_rule(modules[fqn]):
                 owner[node] = (key, fqn)
                 break
     calls: dict[str, list[fx.Node]] = {}
     for node, (key, _module) in owner.items():
         calls.setdefault(key, []).append(node)
     collapsed: dict[str, tuple[str, list[fx.Node], fx.Node]] = {}  # call key -> (module fqn, its nodes, output)
+    aliases: set[fx.Node] = set()  # conversions that return the call's input itself, which code outside reuses
     for key, members in calls.items():
         inside = set(members)
-        outputs = [n for n in members if any(u not in inside for u in n.users)]
+        same = {n for n in members if _returns_input(n, inside)}
+        outputs = [n for n in members if n not in same and any(u not in inside for u in n.users)]
         if len(outputs) == 1:
             collapsed[key] = (owner[members[0]][1], members, outputs[0])
+            aliases |= same
         else:  # several outputs (an LSTM's tuple): leave its ATen ops to the function rules
             for n in members:
                 owner.pop(n)
@@ -194,6 +235,9 @@ def _collapse(model: nn.Module, program) -> fx.Graph:
             new = graph.get_attr(lifted[node.name]) if node.name in lifted else graph.placeholder(node.name)
         elif node.op == "output":
             new = graph.output(tree_map(lambda a: env.get(a, a) if isinstance(a, fx.Node) else a, node.args[0]))
+        elif node in aliases:
+            env[node] = env[node.args[0]]
+            continue
         elif node in owner:
             fqn, members, out = collapsed[owner[node][0]]
             if node is not out:
@@ -213,7 +257,18 @@ def _collapse(model: nn.Module, program) -> fx.Graph:
     return graph
 
 
-def _fqn(path: str, modules: dict[str, nn.Module]) -> str | None:
+def _returns_input(node: fx.Node, inside: set[fx.Node]) -> bool:
+    """``x.to(dtype)`` that changes nothing returns ``x`` itself, so code after the call may use it as ``x`` (an
+    RMSNorm's float32 upcast of a float32 input, reused by the residual)."""
+    source = node.args[0] if node.args else None
+    if getattr(node.target, "overloadpacket", None) is not torch.ops.aten.to or not isinstance(source, fx.Node):
+        return False
+    old, new = source.meta.get("val"), node.meta.get("val")
+    return (source not in inside and isinstance(old, torch.Tensor) and isinstance(new, torch.Tensor)
+            and (old.dtype, old.device, old.shape) == (new.dtype, new.device, new.shape))
+
+
+def module_path(path: str, modules: dict[str, nn.Module]) -> str | None:
     """The module FQN of an ``nn_module_stack`` path (``L['self'].layer1[0].conv`` or ``layer1.0.conv``)."""
     if path in modules:
         return path
@@ -222,6 +277,14 @@ def _fqn(path: str, modules: dict[str, nn.Module]) -> str | None:
     cleaned = re.sub(r"\['([^']+)'\]", r".\1", cleaned).strip(".")
     cleaned = cleaned.replace("._modules.", ".")
     return cleaned if cleaned in modules else None
+
+
+def user_frame(frames: list[traceback.FrameSummary]) -> str | None:
+    """The innermost of ``frames`` (a traceback) in the model's own code, outside torch and this package."""
+    for frame in reversed(frames):
+        if not any(part in frame.filename for part in _OWN):
+            return f"{frame.filename}:{frame.lineno}: {(frame.line or '').strip()}"
+    return None
 
 
 def _export_source(node: fx.Node) -> str | None:

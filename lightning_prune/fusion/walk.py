@@ -49,6 +49,7 @@ class Producer:
     dim: int
     labels: torch.Tensor  # the channel id of each row
     rule: Any
+    follows: bool = False  # its rows are its input's channels (a depthwise conv): left out, it blocks nothing
 
     @property
     def tensor_fqn(self) -> str:
@@ -82,6 +83,9 @@ class Walk:
     actions: list[tuple[nn.Module, Any, Any]] = field(default_factory=list)  # rule-specific narrowing records
     frozen: dict[int, str] = field(default_factory=dict)  # id(tensor) -> why it must keep its shape
     holders: dict[int, list[tuple[nn.Module, str, str]]] = field(default_factory=dict)  # id -> (module, fqn, name)
+    notes: dict[str, Any] = field(default_factory=dict)  # what a rule tells the rule of a later node, by node name
+    #: node name -> the op where the channels it is computed from were lost (refused without an output layout)
+    lost: dict[str, str] = field(default_factory=dict)
 
 
 def walk(model: nn.Module, traced: Traced) -> Walk:
@@ -110,17 +114,31 @@ def walk(model: nn.Module, traced: Traced) -> Walk:
             rule = rules.module_rule(visit.module) if node.op == "call_module" else rules.function_rule(node.target)
             visit.rule = rule
             state.values[node.name] = None
+            blocks = len(state.groups.blocks)
             if rule is None:
                 visit.unknown()
             else:
                 rule.visit(visit)
                 if _labels_of(state.values.get(node.name)).numel():
                     state.steps.append((node, rule))
+            _note_lost(state, node, visit, len(state.groups.blocks) > blocks)
     for key, binding in state.bindings.items():
         reason = state.frozen.get(key[0])
         if reason is not None:
             state.groups.block(binding.labels, reason)
     return state
+
+
+def _note_lost(state: Walk, node: fx.Node, visit: Visit, blocked: bool) -> None:
+    """A node without channels whose input lost track of them (an op that refused, or anything computed from its
+    output) is remembered with that op, so a later refusal can name it rather than blame its own input."""
+    if state.values.get(node.name) is not None:
+        return
+    lost = [state.lost[a.name] for a in node.all_input_nodes if a.name in state.lost]
+    if lost:
+        state.lost[node.name] = lost[0]
+    elif blocked:
+        state.lost[node.name] = visit.where
 
 
 def _attr(model: nn.Module, target: str) -> Any:
@@ -211,6 +229,19 @@ class Visit:
         module = module if module is not None else self.module
         return module._parameters.get(name, module._buffers.get(name)) if module is not None else None
 
+    def owner(self) -> nn.Module:
+        """The innermost module whose forward made this node (the model itself at top level): for a function node,
+        the module that holds the attributes its code reads (an attention block's head count)."""
+        from lightning_prune.fusion.trace import module_path
+
+        stack = self.node.meta.get("nn_module_stack") or {}
+        modules = dict(self.state.model.named_modules())
+        for path, _type in reversed(list(stack.values())):
+            fqn = module_path(path, modules)
+            if fqn is not None:
+                return modules[fqn]
+        return self.state.model
+
     def module_fqn(self, module: nn.Module) -> str:
         holders = [h for hs in self.state.holders.values() for h in hs if h[0] is module]
         if holders:
@@ -276,9 +307,12 @@ class Visit:
         return None if binding is None else binding.labels
 
     def produce(self, module: nn.Module, tensor_name: str, dim: int, rows_per_channel: int = 1,
-                channels: int | None = None) -> torch.Tensor:
+                channels: int | None = None, follows: bool = False) -> torch.Tensor:
         """The output channel ids of ``module.<tensor_name>``'s rows along ``dim`` (new on first use, the same on
-        every later call of the module or use of the tensor), registering it as a candidate producer."""
+        every later call of the module or use of the tensor), registering it as a candidate producer.
+
+        ``follows``: the rows are channels another producer makes (a depthwise conv's rows, coupled to its input),
+        so the tensor may be configured with them but leaving it out does not block them."""
         tensor = self.tensor(tensor_name, module)
         rows = tensor.shape[dim]
         existing = self.bound(tensor, dim)
@@ -289,7 +323,7 @@ class Visit:
         key = (id(tensor), dim % tensor.dim())
         if key not in self.state.producers:
             self.state.producers[key] = Producer(module, self.module_fqn(module), tensor_name, dim % tensor.dim(),
-                                                 existing, self.rule)
+                                                 existing, self.rule, follows)
         return existing
 
     def silence(self, module: nn.Module, tensor_name: str, labels: torch.Tensor, always: bool = False) -> None:
@@ -298,9 +332,10 @@ class Visit:
         if self.tensor(tensor_name, module) is not None:
             self.state.silences.append(Silence(module, tensor_name, labels.reshape(-1), always))
 
-    def action(self, data: Any) -> None:
-        """A rule-specific narrowing record, handed back to ``rule.narrow`` at prune time."""
-        self.state.actions.append((self.module, self.rule, data))
+    def action(self, data: Any, module: nn.Module | None = None) -> None:
+        """A rule-specific narrowing record, handed back to ``rule.narrow(module, data, ctx)`` at prune time; ``module``
+        defaults to the node's own module (a function rule names the module whose attributes it narrows)."""
+        self.state.actions.append((module if module is not None else self.module, self.rule, data))
 
     def freeze(self, tensor: torch.Tensor, reason: str) -> None:
         """``tensor`` must keep its shape (something reads it whole): block whatever would narrow it."""

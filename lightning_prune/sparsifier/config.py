@@ -67,11 +67,11 @@ def fqn_filter(include: list[str] | None, exclude: list[str] | None) -> Callable
 def resolve_tensor(model: nn.Module, fqn: str) -> tuple[nn.Module, str, str]:
     """The module, its fqn and the tensor name of ``fqn``, with a clear error naming close valid names."""
     module_fqn, _, tensor_name = fqn.rpartition(".")
-    names = [n for n, p in model.named_parameters() if p.dim() >= 2]
     try:
         module = model.get_submodule(module_fqn)
         tensor = getattr(module, tensor_name)
     except AttributeError:
+        names = [n for n, p in model.named_parameters() if p.dim() >= 2]
         close = difflib.get_close_matches(fqn, names, n=3, cutoff=0.4) or names[:3]
         raise PruningConfigError(
             f"unknown tensor_fqn '{fqn}'; closest weights in {type(model).__name__}: {', '.join(close)}"

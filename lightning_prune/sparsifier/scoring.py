@@ -44,8 +44,7 @@ def class_structure(plan: PruningPlan, members: list[Member]) -> tuple[torch.Ten
     row_classes = [plan.classes(m.labels) for m in members]
     classes = torch.cat([c[c >= 0] for c in row_classes]).unique()
     index = [torch.searchsorted(classes, c.clamp_min(0)) for c in row_classes]
-    blocked = torch.tensor(sorted(plan.groups.blocked_classes()), dtype=torch.long)
-    return classes, index, ~torch.isin(classes, blocked)
+    return classes, index, ~plan.groups.blocked_mask()[classes]
 
 
 def class_set(plan: PruningPlan, members: list[Member], structure: tuple | None = None) -> ClassSet:

@@ -6,11 +6,14 @@ dispatches every node through it and knows no layer type itself. See :mod:`.base
 
 # the built-in rules register themselves on import
 from lightning_prune.fusion.rules import (  # noqa: E402, F401, I001
+    attention,
     channelwise,
     combine,
     elementwise,
+    hf,
     indexing,
     layers,
+    mha,
     reduce,
     registry,
     shapes,
@@ -18,6 +21,7 @@ from lightning_prune.fusion.rules import (  # noqa: E402, F401, I001
 from lightning_prune.fusion.rules.base import (
     BlockingRule,
     ChannelwiseRule,
+    ContainerRule,
     ElementwiseRule,
     LayerRule,
     Rule,
@@ -33,7 +37,6 @@ from lightning_prune.fusion.rules.registry import (
 )
 
 __all__ = [
-    "BlockingRule", "ChannelwiseRule", "ElementwiseRule", "LayerRule", "Rule", "RuleKind", "layer_widths",
-    "register_by_name",
-    "register_function", "register_layer", "registry", "rule_for", "rules_scope",
+    "BlockingRule", "ChannelwiseRule", "ContainerRule", "ElementwiseRule", "LayerRule", "Rule", "RuleKind",
+    "layer_widths", "register_by_name", "register_function", "register_layer", "registry", "rule_for", "rules_scope",
 ]

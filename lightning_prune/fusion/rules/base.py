@@ -14,6 +14,8 @@ Every rule has a :class:`RuleKind` and implements ``visit(v)``, which the walk c
 - ``LAYOUT``: moves channels between dims or positions (view, permute, indexing, concat); ``COMBINE``: joins two
   tensors position by position (add, mul); ``ATTENTION``: heads (SDPA, matmul); ``BLOCKING``: an op whose output
   mixes the channels it reads, such as LayerNorm over them; it refuses with the reason.
+- :class:`ContainerRule` (``CONTAINER``): a module whose forward the analysis reads op by op (an attention block, an
+  MLP); the rule only keeps the module's size attributes (head counts, widths) in step with its narrowed children.
 """
 
 from __future__ import annotations
@@ -38,12 +40,15 @@ class RuleKind(enum.Enum):
     COMBINE = "combine"
     ATTENTION = "attention"
     BLOCKING = "blocking"
+    CONTAINER = "container"
 
 
 class Rule:
     """Base of all rules."""
 
     kind: RuleKind = RuleKind.BLOCKING
+    #: the module is not a leaf: the front ends trace through it and only :meth:`sync` is used (ContainerRule)
+    transparent: bool = False
 
     def visit(self, v: Visit) -> None:
         """Read the node's inputs from ``v`` and record its output layout, couplings, blocks and bindings."""
@@ -87,6 +92,13 @@ def input_layout(v: Visit) -> Layout | None:
         if arg is not first and v.value(arg) is not None and not _is_ref(v.value(arg)):
             v.block(v.value(arg), f"{v.where} takes pruned channels as a secondary argument")
     return v.layout(first)
+
+
+def tie_axis(v: Visit, labels: torch.Tensor, axis: int) -> None:
+    """Couple the channels along ``axis`` of ``labels`` position by position, so that no position along it ever
+    disappears: its extent is fixed (a grouped conv's groups, a literal size, a picked index) while the positions
+    along the other axes go or stay together."""
+    v.couple(labels.narrow(axis, 0, 1).expand_as(labels), labels)
 
 
 def _is_ref(value: Any) -> bool:
@@ -294,3 +306,14 @@ class BlockingRule(Rule):
 
     def visit(self, v: Visit) -> None:
         v.block_inputs(self.why)
+
+
+class ContainerRule(Rule):
+    """A module traced through op by op (never a leaf), whose :meth:`sync` sets its size attributes from its
+    children after they were narrowed; fusion and ``load_pruned`` call it after the children's own syncs."""
+
+    kind = RuleKind.CONTAINER
+    transparent = True
+
+    def visit(self, v: Visit) -> None:  # pragma: no cover - the front ends never make a node for it
+        raise RuntimeError(f"{type(self).__name__} is a container rule; its module is traced through")

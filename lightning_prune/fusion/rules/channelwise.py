@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_prune.fusion.rules.base import BlockingRule, ChannelwiseRule, input_layout
+from lightning_prune.fusion.rules.base import BlockingRule, ChannelwiseRule, input_layout, tie_axis
 from lightning_prune.fusion.rules.registry import aten, register_by_name, register_functions, register_layer
 
 
@@ -80,8 +80,7 @@ class GroupNormRule(ChannelwiseRule):
         super().visit(v)
         if v.state.values.get(v.node.name) is None:
             return
-        groups = flow.labels.reshape(module.num_groups, -1)
-        v.couple(groups[:, :1].expand_as(groups), groups)  # one group = one class
+        tie_axis(v, flow.labels.reshape(module.num_groups, -1), 1)  # one group = one class
         v.action(flow.labels.reshape(-1))
 
     def const_map(self, module, values):

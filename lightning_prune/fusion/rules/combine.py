@@ -1,4 +1,5 @@
-"""Ops that combine two tensors position by position: add, sub, mul, div, maximum, minimum.
+"""Ops that combine two tensors position by position: add, sub, mul, div, maximum, minimum, and GLU (the two
+halves of one tensor).
 
 Two tensors that both carry channels are *coupled*: channel c on one side and channel c on the other are kept or
 removed together (a residual connection, a squeeze-and-excitation gate). With a parameter that varies along the
@@ -12,10 +13,12 @@ import numbers
 import operator
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from lightning_prune.fusion.layout import Layout
-from lightning_prune.fusion.rules.base import Rule, RuleKind
-from lightning_prune.fusion.rules.registry import aten, register_functions
+from lightning_prune.fusion.rules.base import Rule, RuleKind, input_layout
+from lightning_prune.fusion.rules.registry import aten, register_functions, register_layer
 
 
 class CombineRule(Rule):
@@ -53,14 +56,13 @@ class CombineRule(Rule):
         tensor = ref.tensor if isinstance(ref, TensorRef) else None
         shape = tuple(tensor.shape) if tensor is not None else v.shape(other)
         out_ndim = v.ndim() if v.shapes else flow.ndim
-        axes = flow.front_axes() if out_ndim is not None else None
-        if shape is None or axes is None or out_ndim is None:
-            hint = ("configure the layers on both sides of the residual connection" if self.additive else
-                    "configure the layer producing the other operand")
-            v.block(flow, f"{v.where} combines the pruned channels with a tensor whose channels fusion cannot follow "
-                          f"(an unconfigured layer or an op refused above); {hint}, or pass example_inputs so shapes "
-                          "are known")
+        front = flow.front_axes() if out_ndim is not None else None
+        if shape is None or front is None or out_ndim is None:
+            v.block(flow, _untracked(v, other))
             return
+        shift = out_ndim - (flow.ndim if flow.ndim is not None else out_ndim)  # broadcasting adds leading dims
+        axes = tuple(a + shift for a in front)
+        out = Layout(axes, flow.labels, out_ndim, flow.pending, tuple(a + shift for a in flow.stable))
         offset = out_ndim - len(shape)
         along = [a - offset for a in axes]  # the other tensor's dim at each channel axis (< 0: absent)
         full = [d >= 0 and shape[d] > 1 for d in along]
@@ -69,7 +71,14 @@ class CombineRule(Rule):
                 v.block(flow, f"{v.where} adds the same tensor to every channel, so a removed channel would still "
                               "carry it")
                 return
-            v.set(flow)
+            v.set(out)
+            return
+        if tensor is None and not self.additive and not all(full):
+            # a run-time factor along some channel dims only (a rotary embedding along each head's features): exact
+            # when positions along those dims never disappear on their own, so the factor stays aligned
+            for k in (k for k, varies in enumerate(full) if varies):
+                v.couple(flow.labels.narrow(k, 0, 1).expand_as(flow.labels), flow.labels)
+            v.set(Layout(axes, flow.labels, out_ndim, flow.pending, flow.stable))
             return
         if tensor is None or not all(full) or [shape[d] for d in along] != list(flow.labels.shape):
             v.block(flow, f"{v.where} mixes the pruned channels with a tensor computed at run time that has its own "
@@ -79,10 +88,10 @@ class CombineRule(Rule):
             v.block(flow, f"{v.where} combines the channels with a parameter along several dims")
             return
         v.bind(tensor, along[0], flow.labels.reshape(-1))
-        if self.additive and tensor.dim() == 1:
+        if self.additive and along[0] == 0:  # per channel along dim 0 (a bias of shape (C,) or (C, 1, 1))
             owner, _fqn, name = v.state.holders[id(tensor)][0]
             v.silence(owner, name, flow.labels.reshape(-1))
-        v.set(Layout(axes, flow.labels, out_ndim, flow.pending, flow.stable))
+        v.set(out)
 
     def _both(self, v, la: Layout, lb: Layout) -> None:
         out_ndim = v.ndim() if v.shapes else la.ndim
@@ -114,14 +123,9 @@ class CombineRule(Rule):
                 continue
             ref = v.value(operand) if isinstance(operand, torch.fx.Node) else None
             if isinstance(ref, TensorRef):
-                tensor = ref.tensor.detach().to(torch.float64).cpu()
-                if tensor.numel() == 1:
-                    values.append(tensor.reshape(()))
-                else:
-                    flat = tensor.reshape(-1, tensor.shape[-1]) if tensor.dim() > 1 else tensor
-                    varies = tensor.dim() > 1 and not bool((flat == flat[:1]).all())
-                    values.append(flat[0] if tensor.dim() > 1 else flat)
-                    dependent = dependent or varies
+                value, varies = _per_position(v, ref.tensor.detach().to(torch.float64).cpu())
+                values.append(value)
+                dependent = dependent or varies
             elif isinstance(operand, torch.fx.Node):  # a run-time tensor broadcast over the channels
                 values.append(torch.ones(()))
                 dependent = True
@@ -129,6 +133,71 @@ class CombineRule(Rule):
                 values.append(torch.tensor(operand if operand is not None else 0, dtype=torch.float64))
         out = self.op(values[0], values[1]).to(torch.float64)
         return out, (out != 0) if dependent else False
+
+
+def _untracked(v, other) -> str:
+    """Why the channels cannot meet ``other``, a value whose channels (if any) are not known here."""
+    lost = v.state.lost.get(other.name) if isinstance(other, torch.fx.Node) else None
+    if lost is not None:
+        return (f"{v.where} mixes the pruned channels with a value computed from the output of {lost}, whose "
+                "channels fusion could not follow (see that op's refusal)")
+    if isinstance(other, torch.fx.Node) and isinstance(other.meta.get("val"), (int, float, torch.SymInt)):
+        return (f"{v.where} combines the pruned channels with a number computed in forward (a size read from "
+                "x.shape?), which may change when channels are removed")
+    return (f"{v.where} mixes the pruned channels with a tensor that no configured layer produces; configure the "
+            "layers producing both operands, or pass example_inputs so shapes are known")
+
+
+def _per_position(v, tensor: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """A parameter's value at each position of the output's channel labels (broadcast where it has size 1), and
+    whether it also varies along the dims that carry no channels (then a constant channel stops being constant)."""
+    if tensor.numel() == 1:
+        return tensor.reshape(()), False
+    out = v.state.values[v.node.name]
+    dims = [a - out.ndim + tensor.dim() for a in out.axes]  # the parameter's dim at each label axis (< 0: absent)
+    along = [d for d in dims if d >= 0]
+    rest = [d for d in range(tensor.dim()) if d not in along]
+    moved = tensor.permute(along + rest).reshape(*[tensor.shape[d] for d in along], -1)
+    varies = not bool((moved == moved[..., :1]).all())
+    return moved[..., 0].reshape([tensor.shape[d] if d >= 0 else 1 for d in dims]), varies
+
+
+class GLURule(Rule):
+    """``F.glu(x, dim)`` / ``nn.GLU``: ``a * sigmoid(b)`` of the halves of ``x`` along ``dim``. Along the channels
+    the halves are coupled position by position, so they stay equal, and the output carries the first half's."""
+
+    kind = RuleKind.COMBINE
+
+    def axis(self, v, flow: Layout) -> int | None:
+        """The label axis that ``dim`` is (-1: a dim without channels), or None when that is not known."""
+        dim = v.module.dim if v.module is not None else v.arg(1, "dim", -1)
+        ndim = v.ndim(v.arg(0, "input")) if v.shapes else flow.ndim
+        axes = flow.axes if ndim is None else tuple(a % ndim for a in flow.axes)
+        if ndim is not None:
+            dim %= ndim
+        elif any((a >= 0) != (dim >= 0) for a in axes):
+            return None
+        return axes.index(dim) if dim in axes else -1
+
+    def visit(self, v) -> None:
+        flow = input_layout(v)
+        if flow is None:
+            return
+        k = self.axis(v, flow)
+        if k is None or flow.pending:
+            v.block(flow, f"{v.where} halves a dim that is not known to be apart from the channels; pass "
+                          "example_inputs")
+            return
+        labels = flow.labels
+        if k >= 0:
+            labels, second = labels.chunk(2, k)
+            v.couple(labels, second)
+        v.set(Layout(flow.axes, labels.contiguous(), flow.ndim, False, flow.stable))
+
+    def const(self, v, values):
+        k = self.axis(v, v.layout(v.arg(0, "input")))
+        first, second = values.chunk(2, k) if k >= 0 else (values, values)
+        return first * torch.sigmoid(second), False
 
 
 _ADD = CombineRule(operator.add, additive=True)
@@ -145,3 +214,5 @@ register_functions([operator.truediv, operator.itruediv, torch.div, torch.true_d
                     aten("div"), aten("div_")], _DIV)
 register_functions([torch.maximum, "maximum", aten("maximum")], CombineRule(torch.maximum, additive=True))
 register_functions([torch.minimum, "minimum", aten("minimum")], CombineRule(torch.minimum, additive=True))
+register_functions([F.glu, aten("glu")], GLURule())
+register_layer(nn.GLU, GLURule())

@@ -15,7 +15,7 @@ import torch
 from torch import fx
 
 from lightning_prune.fusion.layout import FIXED, Layout
-from lightning_prune.fusion.rules.base import Rule, RuleKind
+from lightning_prune.fusion.rules.base import Rule, RuleKind, tie_axis
 from lightning_prune.fusion.rules.registry import aten, register_functions
 
 
@@ -39,8 +39,7 @@ def pick(v, flow: Layout, axis_index: int, index) -> torch.Tensor | None:
     if axis in flow.stable or positions.numel() == size:
         return picked
     if flow.labels.dim() > 1:  # several channel dims: positions along this one must never disappear
-        line = flow.labels.narrow(axis_index, 0, 1).expand_as(flow.labels)
-        v.couple(line, flow.labels)
+        tie_axis(v, flow.labels, axis_index)
         return picked
     from_end = (isinstance(index, int) and index < 0) or (isinstance(index, slice) and index.stop is None
                                                          and (index.start or 0) < 0)
@@ -198,6 +197,17 @@ class SliceRule(Rule):
         v.set(rebuild(front, labels, mapping, out_ndim))
 
 
+def sequence(v, arg) -> tuple[list[Layout | None], list[tuple[int, ...] | None]]:
+    """The layout and shape of each tensor in a list argument: a list of nodes, or one node holding a tuple (a slice
+    of a split's parts)."""
+    if not isinstance(arg, fx.Node):
+        return [v.layout(t) for t in arg], [v.shape(t) for t in arg]
+    value, val = v.value(arg), arg.meta.get("val")
+    values = list(value) if isinstance(value, (tuple, list)) else []
+    shapes = [tuple(t.shape) for t in val] if isinstance(val, (tuple, list)) else [None] * len(values)
+    return [x if isinstance(x, Layout) else None for x in values], shapes
+
+
 class CatRule(Rule):
     """``torch.cat`` / ``concat`` along the channels (inputs side by side; an untracked input is a fixed part), or
     along another dim (the inputs' channels coupled position by position)."""
@@ -205,15 +215,14 @@ class CatRule(Rule):
     kind = RuleKind.LAYOUT
 
     def visit(self, v) -> None:
-        tensors = v.arg(0, "tensors")
+        flows, shapes = sequence(v, v.arg(0, "tensors"))
         dim = v.arg(1, "dim", 0)
-        flows = [v.layout(t) for t in tensors]
         tracked = [f for f in flows if f is not None]
         if not tracked:
             return
         first = tracked[0]
         ndim = v.ndim() if v.shapes else first.ndim
-        axes = [f.front_axes() if ndim is not None and f.ndim == ndim else None for f in flows]
+        axes = [f.front_axes() if f is not None and ndim is not None and f.ndim == ndim else None for f in flows]
         if ndim is None or not isinstance(dim, int) or any(a is None for a, f in zip(axes, flows, strict=True)
                                                            if f is not None) or any(f.pending for f in tracked):
             self._fail(v, tracked, "along a dim that is not known; pass example_inputs")
@@ -225,11 +234,10 @@ class CatRule(Rule):
             return
         channel_axes = known.pop()
         parts = []
-        for t, f in zip(tensors, flows, strict=True):
+        for shape, f in zip(shapes, flows, strict=True):
             if f is not None:
                 parts.append(f.labels)
                 continue
-            shape = v.shape(t)
             if shape is None:
                 self._fail(v, tracked, "with tensors of unknown shape; pass example_inputs")
                 return
@@ -260,8 +268,7 @@ class StackRule(Rule):
     kind = RuleKind.LAYOUT
 
     def visit(self, v) -> None:
-        tensors = v.arg(0, "tensors")
-        flows = [v.layout(t) for t in tensors]
+        flows, _shapes = sequence(v, v.arg(0, "tensors"))
         tracked = [f for f in flows if f is not None]
         if not tracked:
             return

@@ -9,7 +9,7 @@ from torch import nn
 
 from lightning_prune.errors import UnsupportedPatternError
 from lightning_prune.fusion.layout import Layout
-from lightning_prune.fusion.rules.base import LayerRule, RuleKind, features_at, input_layout
+from lightning_prune.fusion.rules.base import LayerRule, RuleKind, features_at, input_layout, tie_axis
 from lightning_prune.fusion.rules.registry import aten, register_functions, register_layer
 
 
@@ -41,7 +41,13 @@ def _pads_with_zeros(conv: nn.Module) -> bool:
 
 class ConvRule(LayerRule):
     """ConvNd. ``groups == 1`` is a layer; a depthwise conv (``groups == in_channels``) ties each output channel to
-    its input channel; other grouped convs are refused for now."""
+    its input channel.
+
+    A grouped conv (1 < groups < in_channels) keeps its ``groups``: its input channels and its output channels each
+    fall into ``groups`` equal parts that are coupled position by position, so the same positions go in every group
+    (as Torch-Pruning does) and the widths stay divisible by ``groups``. Its weight's input dim holds one part.
+    Each output row keeps its own channel id, so a removed row's bias is its own constant.
+    """
 
     channel_dim = 1
 
@@ -63,46 +69,56 @@ class ConvRule(LayerRule):
         return not _pads_with_zeros(module)
 
     def fold(self, module, removed, values):
-        weight = module.weight[:, removed].to(values.dtype)
-        return (weight.flatten(2).sum(-1) * values).sum(-1)
+        """Input channel i reads through column ``i % per_group`` of the rows of group ``i // per_group``."""
+        groups = module.groups
+        taps = module.weight.flatten(2).sum(-1).to(values.dtype)  # (out, in / groups)
+        per_group = taps.shape[1]
+        group, column = removed // per_group, removed % per_group
+        contribution = taps.reshape(groups, -1, per_group)[group, :, column] * values[:, None]
+        return torch.zeros(groups, taps.shape[0] // groups, dtype=values.dtype,
+                           device=values.device).index_add_(0, group, contribution).reshape(-1)
 
     def visit(self, v) -> None:
-        module = v.module
-        if module.groups == 1:
-            super().visit(v)
-        elif module.groups == module.in_channels:
-            self._visit_depthwise(v, module)
+        if _depthwise(v.module):
+            self._visit_depthwise(v, v.module)
         else:
-            flow = input_layout(v)
-            reason = (f"{v.where} is a grouped convolution (groups={module.groups}, in={module.in_channels}, "
-                      f"out={module.out_channels}); only groups=1 and depthwise (groups=in_channels) are supported")
-            v.block(flow, reason)
-            ids = v.produce(module, "weight", 0)
-            v.block(ids, reason)
-            v.set(Layout.vector(ids, self.channel_dim_for(v), v.ndim() if v.shapes else self.output_ndim(module)))
+            super().visit(v)
+
+    def consume(self, v, module, flow, dim) -> None:
+        labels = features_at(v, flow, dim, module.in_channels)
+        if labels is None:
+            return
+        parts = labels.reshape(module.groups, -1)
+        tie_axis(v, parts, 0)
+        name, weight_dim = self.input_tensor(module)
+        v.bind(v.tensor(name), weight_dim, parts[0])
+        v.state.consumers.append((v.node, module, self, labels))
+
+    def produce(self, v, module, dim) -> Layout:
+        out = super().produce(v, module, dim)
+        tie_axis(v, out.labels.reshape(module.groups, -1), 0)
+        return out
 
     def _visit_depthwise(self, v, module) -> None:
-        """Output channel o reads input channel o // k (k = out / in): they are the same channels."""
+        """Output channel o reads input channel o // k (k = out / in): they are coupled, so leaving the conv out of
+        the config blocks nothing. Each output row keeps its own id (its constant differs from its input's)."""
         flow = input_layout(v)
         dim = self.channel_dim_for(v)
-        multiplier = module.out_channels // module.in_channels
         labels = features_at(v, flow, dim, module.in_channels) if flow is not None else None
-        weight = v.tensor("weight")
         if labels is None:
             labels = v.fresh(module.in_channels)
             v.block(labels, f"{v.where} ties its output channels to input channels that no configured layer "
                             "produces; configure the layer feeding it too")
-        labels = labels.repeat_interleave(multiplier)
-        v.bind(weight, 0, labels)
-        v.produce(module, "weight", 0)
+        ids = v.produce(module, "weight", 0, follows=True)
+        v.couple(ids, labels.repeat_interleave(module.out_channels // module.in_channels))
         if module.bias is not None:
-            v.bind(module.bias, 0, labels)
-            v.silence(module, "bias", labels)
-        v.set(Layout.vector(labels, dim, v.ndim() if v.shapes else self.output_ndim(module)))
+            v.bind(module.bias, 0, ids)
+            v.silence(module, "bias", ids)
+        v.set(Layout.vector(ids, dim, v.ndim() if v.shapes else self.output_ndim(module)))
 
     def const(self, v, *inputs):
         module = v.module
-        if module.groups == 1 or not inputs:
+        if not _depthwise(module) or not inputs:
             return super().const(v)
         multiplier = module.out_channels // module.in_channels
         out = module.weight.detach().flatten(1).sum(1).to(torch.float64).cpu() * inputs[0].repeat_interleave(
@@ -112,13 +128,14 @@ class ConvRule(LayerRule):
         return out, _pads_with_zeros(module) & (out != 0)
 
     def sync(self, module):
-        if module.groups > 1 and module.groups == module.in_channels:
-            multiplier = module.out_channels // module.groups
-            module.out_channels = module.weight.shape[0]
-            module.in_channels = module.groups = module.out_channels // multiplier
-            return
+        if _depthwise(module):  # whole groups went
+            module.groups = module.weight.shape[0] // (module.out_channels // module.groups)
         module.out_channels = module.weight.shape[0]
         module.in_channels = module.weight.shape[1] * module.groups
+
+
+def _depthwise(conv: nn.Module) -> bool:
+    return 1 < conv.groups == conv.in_channels
 
 
 class ConvTransposeRule(ConvRule):

@@ -19,24 +19,30 @@ from lightning_prune.fusion.rules.shapes import PermuteRule
 
 class ReduceRule(Rule):
     """A reduction over ``dim`` (all dims when None). ``scale(c, n)``: what a constant channel ``c`` becomes over
-    ``n`` reduced elements ("same": unchanged; None: not known, so a non-zero constant channel must stay)."""
+    ``n`` reduced elements ("same": unchanged; None: not known, so a non-zero constant channel must stay).
+    ``dim_at`` / ``keepdim_at``: the positions of those arguments (``norm(x, p, dim, keepdim)`` has ``p`` first)."""
 
     kind = RuleKind.LAYOUT
 
-    def __init__(self, scale="same"):
+    def __init__(self, scale="same", dim_at: int = 1, keepdim_at: int = 2):
         self.scale = scale
+        self.dim_at = dim_at
+        self.keepdim_at = keepdim_at
 
     def dims(self, v, ndim: int) -> list[int] | None:
-        dim = v.arg(1, "dim")
-        if dim is None or isinstance(dim, torch.fx.Node):
+        dim = v.arg(self.dim_at, "dim")
+        if dim is None or isinstance(dim, (torch.fx.Node, bool)):
             return None
         dims = list(dim) if isinstance(dim, (tuple, list)) else [dim]
-        if not dims or not all(isinstance(d, int) for d in dims):
+        if not dims or not all(isinstance(d, int) and not isinstance(d, bool) for d in dims):
             return None
         return sorted({d % ndim for d in dims})
 
     def keepdim(self, v) -> bool:
-        return bool(v.arg(2, "keepdim", False))
+        out, given = v.ndim(), v.ndim(v.arg(0))
+        if out is not None and given is not None:  # shapes known: the ranks tell, whatever the signature
+            return out == given
+        return bool(v.arg(self.keepdim_at, "keepdim", False))
 
     def visit(self, v) -> None:
         flow = input_layout(v)
@@ -59,17 +65,36 @@ class ReduceRule(Rule):
         else:
             v.set(out)
 
+    def scale_for(self, v):
+        return self.scale
+
     def const(self, v, values):
-        if self.scale is None:
+        scale = self.scale_for(v)
+        if scale is None:
             return values, values != 0
-        if self.scale == "same":
+        if scale == "same":
             return values, False
         shape = v.shape(v.arg(0))
         dims = self.dims(v, len(shape)) if shape is not None else None
         if dims is None:
             return values, values != 0
         n = math.prod(shape[d] for d in dims)
-        return self.scale(values, n), False
+        return scale(values, n), False
+
+
+class NormRule(ReduceRule):
+    """``norm(x, p, dim, keepdim)`` / ``vector_norm(x, ord, dim, keepdim)``: a constant ``c`` over ``n`` elements has
+    the norm ``|c| * n ** (1 / p)`` (``|c|`` for p = inf)."""
+
+    def __init__(self):
+        super().__init__(dim_at=2, keepdim_at=3)
+
+    def scale_for(self, v):
+        p = v.arg(1, "p", v.node.kwargs.get("ord", 2))
+        p = 2 if p in (None, "fro") else p
+        if not isinstance(p, (int, float)) or isinstance(p, bool) or p <= 0:
+            return None
+        return lambda c, n: c.abs() * (1.0 if math.isinf(p) else n ** (1.0 / p))
 
 
 class SoftmaxRule(ReduceRule):
@@ -103,10 +128,10 @@ register_functions([torch.mean, "mean", aten("mean"), torch.amax, "amax", aten("
 register_functions([torch.max, "max", torch.min, "min", aten("max"), aten("min")], _SAME)
 register_functions([torch.sum, "sum", aten("sum"), torch.nansum, "nansum"], ReduceRule(lambda c, n: c * n))
 register_functions([torch.std, "std", aten("std"), torch.var, "var", aten("var")],
-                   ReduceRule(lambda c, n: torch.zeros_like(c)))
-register_functions([torch.norm, "norm", torch.linalg.vector_norm, aten("linalg_vector_norm"), torch.logsumexp,
-                    "logsumexp", aten("logsumexp"), torch.prod, "prod", aten("prod"), torch.all, "all", torch.any,
-                    "any"], ReduceRule(scale=None))
+                   ReduceRule(lambda c, n: torch.zeros_like(c), keepdim_at=3))  # (x, dim, unbiased, keepdim)
+register_functions([torch.norm, "norm", torch.linalg.vector_norm, aten("linalg_vector_norm")], NormRule())
+register_functions([torch.logsumexp, "logsumexp", aten("logsumexp"), torch.prod, "prod", aten("prod"), torch.all,
+                    "all", torch.any, "any"], ReduceRule(scale=None))
 register_functions([F.softmax, torch.softmax, "softmax", aten("softmax"), aten("_softmax")],
                    SoftmaxRule(lambda c, n: torch.full_like(c, 1.0 / n)))
 register_functions([F.log_softmax, torch.log_softmax, "log_softmax", aten("log_softmax"), aten("_log_softmax")],

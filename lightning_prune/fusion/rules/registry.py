@@ -7,7 +7,7 @@ that carries its own ``rules=``), whose registrations shadow the global ones and
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
@@ -95,6 +95,27 @@ def layer_widths(model: nn.Module) -> dict[str, tuple[int, int]]:
         if found is not None:
             widths[name] = found
     return widths
+
+
+def sync_containers(model: nn.Module, changed: Iterable[nn.Module],
+                    before: Callable[[nn.Module], None] | None = None) -> list[nn.Module]:
+    """Sync every module with a container rule (``rule.transparent``) that holds a changed module, deepest first, so
+    an attention block's head counts follow its narrowed projections; returns the modules synced.
+
+    ``before(module)`` runs before each sync (fusion journals the module's attributes there).
+    """
+    dirty = {id(m) for m in changed}
+    synced = []
+    for module in reversed(list(model.modules())):  # every module after all of its descendants
+        if any(id(child) in dirty for child in module.children()):
+            dirty.add(id(module))
+        rule = active().module_rule(module)
+        if id(module) in dirty and rule is not None and rule.transparent:
+            if before is not None:
+                before(module)
+            rule.sync(module)
+            synced.append(module)
+    return synced
 
 
 def register_layer(layer_type: type[nn.Module], rule: Rule) -> None:

@@ -2,8 +2,10 @@
 transpose / movedim.
 
 With shapes (example inputs given) a reshape is followed exactly by comparing the input and output shapes, whatever
-the arguments look like; a size written as a literal on a dim whose extent depends on the channel count is refused,
-since it would not follow the pruned width. Without shapes only the flatten idioms are known.
+the arguments look like. A size written as a literal on the only dim that carries channels is refused, since it
+would not follow the pruned width; a literal on one of several such dims (``view(b, groups, c // groups, h, w)``)
+ties the positions along it, so its extent never changes and the other dims take up the pruning. Without shapes
+only the flatten idioms are known.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from torch import fx
 
 from lightning_prune.fusion import layout as L
 from lightning_prune.fusion.layout import Layout
-from lightning_prune.fusion.rules.base import Rule, RuleKind, input_layout
+from lightning_prune.fusion.rules.base import Rule, RuleKind, input_layout, tie_axis
 from lightning_prune.fusion.rules.registry import aten, register_functions, register_layer
 
 
@@ -62,11 +64,14 @@ class ReshapeRule(Rule):
             return
         sizes = sequence_arg(v, self.sizes_from, "shape") if self.sizes_from is not None else None
         if sizes is not None and v.state.traced.front_end == "fx" and len(sizes) == len(new):
-            literal = [a for a in result.axes if _literal(sizes[a])]
-            if literal:
-                v.block(flow, f"{v.where} writes the size of a pruned dim as a literal ({sizes[literal[0]]}), which "
-                              "would not follow the narrower layer; compute it from x.shape or use -1")
+            literal = [k for k, a in enumerate(result.axes) if _literal(sizes[a])]
+            if len(literal) == len(result.axes):
+                v.block(flow, f"{v.where} writes the size of a pruned dim as a literal "
+                              f"({sizes[result.axes[literal[0]]]}), which would not follow the narrower layer; "
+                              "compute it from x.shape or use -1")
                 return
+            for k in literal:  # another channel dim takes up the change (a channel shuffle's groups)
+                tie_axis(v, result.labels, k)
         v.set(result)
 
     def _without_shapes(self, v, flow: Layout) -> None:
@@ -183,8 +188,10 @@ class PermuteRule(Rule):
         if flow is None:
             return
         ndim = v.ndim(v.arg(0)) if v.shapes else flow.ndim
+        if ndim is None and self.how == "permute":  # permute names every dim: its length is the rank
+            ndim = len(sequence_arg(v, 1, "dims") or []) or None
         perm = self.perm(v, ndim) if ndim is not None else None
-        axes = flow.front_axes() if ndim is not None else None
+        axes = tuple(a % ndim for a in flow.axes) if ndim is not None else None
         if perm is None or axes is None or flow.pending:
             v.block(flow, f"{v.where} moves dims around the pruned channels in a way that is not known; pass "
                           "example_inputs so shapes are known")
