@@ -136,6 +136,7 @@ class GradientProbe(Callback):
         layer = pl_module.net[0].parametrizations
         weight, bias = layer.weight.original, layer.bias.original
         self.last = ((weight * weight.grad).sum(1) + bias * bias.grad).detach() ** 2
+        self.norm = float(torch.cat([p.grad.flatten() for p in pl_module.parameters()]).norm())
         self.steps = getattr(self, "steps", 0) + 1
 
 
@@ -148,6 +149,7 @@ def test_taylor_samples_unscaled_accumulated_unclipped_gradients_once_per_optimi
                        gradient_clip_val=1e-3, max_steps=3)
     trainer.fit(Net(), _loader())
     assert pruner.sample == "step" and probe.steps == 3
+    assert probe.norm > 100 * 1e-3  # seen before Lightning clips to gradient_clip_val=1e-3
     assert pruner.samples == 3  # one per optimizer step, not one per micro-batch (6 backward passes)
     ids = pruner.plan.members[0].labels
     torch.testing.assert_close(pruner.values()[ids], probe.last)  # not 1024 ** 2 times it
