@@ -27,10 +27,10 @@ def attach_masks(plan: PruningPlan, prune_bias: dict[str, bool]) -> dict[str, Fa
                 parametrize.register_parametrization(module, name, fake, unsafe=True)
         masks[member.tensor_fqn] = fake
     member_classes = {m.tensor_fqn: plan.classes(m.labels) for m in plan.members}
-    members_of: dict[int, set[int]] = {}
-    for k, classes in enumerate(member_classes.values()):
-        for c in classes.unique().tolist():
-            members_of.setdefault(c, set()).add(k)
+    pairs = [(c[c >= 0].unique(), k) for k, c in enumerate(member_classes.values())]
+    pair_class = torch.cat([c for c, _ in pairs]) if pairs else torch.empty(0, dtype=torch.long)
+    pair_member = torch.cat([torch.full_like(c, k) for c, k in pairs]) if pairs else pair_class
+    marked = torch.zeros(plan.groups.size, dtype=torch.bool)  # the classes of the silence at hand
     done = {(id(m.module), m.tensor_name) for m in plan.members}
     for silence in plan.walk.silences:
         key = (id(silence.module), silence.tensor_name)
@@ -38,7 +38,9 @@ def attach_masks(plan: PruningPlan, prune_bias: dict[str, bool]) -> dict[str, Fa
             continue
         classes = plan.classes(silence.labels)
         order = classes[classes >= 0].unique()
-        sources = [plan.members[k] for k in sorted(set().union(*(members_of.get(c, ()) for c in order.tolist())))]
+        marked[order] = True
+        sources = [plan.members[k] for k in pair_member[marked[pair_class]].unique().tolist()]
+        marked[order] = False
         if not sources or not (silence.always or all(prune_bias[m.tensor_fqn] for m in sources)):
             continue
         done.add(key)

@@ -123,9 +123,9 @@ class Surgery:
     def narrow(self, old: torch.Tensor, keeps: dict[int, torch.Tensor]) -> torch.Tensor:
         """A view of ``old`` holding only the indices ``keeps[dim]`` (ascending) along each dim.
 
-        The kept entries are moved to the front of ``old``'s own storage (the few removed entries they overwrite are
-        kept aside, so rollback puts everything back); the view is made compact, and ``old`` released, by
-        :meth:`finalize` once every edit has succeeded. Extra memory: about the size of the narrowed tensor.
+        Within ``old``'s own storage, the kept entries beyond the front swap places with the removed ones in front,
+        then the front is put in order: nothing is lost (rollback reverses both) and nothing is kept aside. The view
+        is made compact, and ``old`` released, by :meth:`finalize` once every edit has succeeded.
         """
         self._edit()
         view = old.detach()
@@ -136,17 +136,24 @@ class Surgery:
                 if not torch.equal(index, torch.arange(count, device=old.device)):
                     kept = torch.zeros(view.shape[dim], dtype=torch.bool, device=old.device)
                     kept[index] = True
-                    overwritten = (~kept[:count]).nonzero().flatten()
-                    saved = view.index_select(dim, overwritten)
-                    view.narrow(dim, 0, count).copy_(view.index_select(dim, index))
-                    moves.append((view, dim, index, overwritten, saved))
+                    front = (~kept[:count]).nonzero().flatten()  # removed entries in front ...
+                    back = index[index >= count]  # ... and as many kept ones behind
+                    _swap(view, dim, front, back)
+                    source = torch.arange(count, device=old.device)
+                    source[front] = back  # which original entry each front position holds now
+                    where = torch.empty(view.shape[dim], dtype=torch.long, device=old.device)
+                    where[source] = torch.arange(count, device=old.device)
+                    order = where[index]
+                    head = view.narrow(dim, 0, count)
+                    head.copy_(head.index_select(dim, order))
+                    moves.append((view, dim, count, front, back, order))
                 view = view.narrow(dim, 0, count)
 
         def undo() -> None:
-            for whole, dim, index, overwritten, saved in reversed(moves):
-                front = whole.narrow(dim, 0, index.numel()).clone()
-                whole.index_copy_(dim, index, front)
-                whole.index_copy_(dim, overwritten, saved)
+            for whole, dim, count, front, back, order in reversed(moves):
+                head = whole.narrow(dim, 0, count)
+                head.copy_(head.index_select(dim, torch.argsort(order)))
+                _swap(whole, dim, front, back)
 
         self._undo.append(undo)
         return view
@@ -190,3 +197,11 @@ class Surgery:
         result = fn()
         self._undo.append(undo)
         return result
+
+
+def _swap(tensor: torch.Tensor, dim: int, a: torch.Tensor, b: torch.Tensor) -> None:
+    """Exchange the entries ``a`` and ``b`` (disjoint, equally many) of ``tensor`` along ``dim``, in place."""
+    if a.numel():
+        held = tensor.index_select(dim, a)
+        tensor.index_copy_(dim, a, tensor.index_select(dim, b))
+        tensor.index_copy_(dim, b, held)
