@@ -18,6 +18,7 @@ from lightning_prune import (
 )
 from lightning_prune.app.models import DigitsCNN, DigitsResNet
 from lightning_prune.measure import count_macs, count_params
+from tests.transformer_models import hand
 
 IMAGES = torch.randn(2, 1, 8, 8)
 
@@ -154,3 +155,24 @@ def test_taylor_scores_are_compared_across_layers_as_loss_changes():
     pruner.prune()
     assert model.features[0].out_channels <= 2
     assert model.features[3].out_channels == 32 and model.features[7].out_channels >= 60
+
+
+def test_a_ramp_keeps_small_classes_for_its_last_step():
+    """Attention heads are coarse and MLP widths fine: removing the cheap MLP widths first on a ramp would leave the
+    last step only whole heads to remove, landing far below the budget. The ramp removes only what the final budget's
+    plan would, and lands on it."""
+    model, inputs = hand()
+    pruner = TaylorPruner(target={"macs": 0.4})
+    pruner.prepare(model, None, exclude_output=True, example_inputs=inputs)
+    model.train()
+    model(*inputs).square().mean().backward()
+    values = torch.ones(pruner.plan.groups.size)
+    fc1 = next(m for m in pruner.plan.members if m.tensor_fqn == "fc1.weight")
+    values[fc1.labels] = 1e-3 * torch.rand(fc1.labels.numel())  # the MLP's channels matter least
+    pruner.load_statistics(values)
+    for tick in range(1, 6):
+        for group in pruner.groups:
+            group["sparsity_level"] = 0.6 * tick / 5
+        pruner.step()
+        assert pruner.budget_reached <= 1 - 0.6 * tick / 5
+    assert 0.38 <= pruner.budget_reached <= 0.4

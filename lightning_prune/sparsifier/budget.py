@@ -4,16 +4,19 @@ A :class:`Budget` replaces ``sparsity_level``: instead of every layer losing the
 pruner removes classes of channels (a channel, a head, a GroupNorm group, a residual-stream channel) until the cost
 fits. Costs come from :class:`~lightning_prune.fusion.cost.CostModel`, exact for the layers it counts.
 
-``allocation="global"`` ranks classes across all coupled sets by score per unit of cost saved, the
-cheapest first (a greedy knapsack, as HALP does with Taylor importance and latency: Shen et al., "Structural Pruning
-via Latency-Saliency Knapsack", NeurIPS 2022), re-measuring the exact cost after each pass and finally putting back
-the most valuable removals that still fit. Scores in loss units (Taylor's) are compared as they are. Other scores
-(norms, distances, activations) mean nothing across layers, so each set's are first divided by their mean over its
-kept, removable classes (Torch-Pruning's "mean" normaliser): every set then averages 1, and the cost decides more.
-``allocation="uniform"`` removes the same fraction of every set's classes, the smallest fraction that fits (found by
-bisection), then puts back what still fits as above. ``allocation="auto"`` (the default) is global for scores in loss
-units and uniform for the others: in ``benchmarks/study.py`` (see benchmarks/RESULTS.md) global ranking of normalised
-norms, distances and activations cost 4-16 points of accuracy at a quarter of the MACs, global Taylor none.
+``allocation="global"`` ranks classes across all coupled sets by score per unit of cost saved, the cheapest first (a
+greedy knapsack, as HALP does with Taylor importance and latency: Shen et al., "Structural Pruning via Latency-Saliency
+Knapsack", NeurIPS 2022), re-measuring the exact cost after each pass, then putting back the most valuable removals
+that still fit and, when only coarse classes (heads) were left to remove and the cost fell more than 1% below the
+budget, trading one back for smaller ones. On a ramp each step removes only classes that the final budget's plan (made
+at that step) removes, so the small classes are not spent before the last step. Scores in loss units (Taylor's) are
+compared as they are. Other scores (norms, distances, activations) mean nothing across layers, so each set's are first
+divided by their mean over its kept, removable classes (Torch-Pruning's "mean" normaliser): every set then averages 1,
+and the cost decides more. ``allocation="uniform"`` removes the same fraction of every set's classes, the smallest
+fraction that fits (found by bisection), then puts back what still fits as above. ``allocation="auto"`` (the default)
+is global for scores in loss units and uniform for the others: in ``benchmarks/study.py`` (see benchmarks/RESULTS.md)
+global ranking of normalised norms, distances and activations cost 4-16 points of accuracy at a quarter of the MACs,
+global Taylor none.
 
 Minimum widths: every configured layer keeps at least ``min_channels`` channels (and always one), and with
 ``multiple_of`` a width that is a multiple of it (or its full width). Classes removed earlier stay removed, so a budget
@@ -121,12 +124,30 @@ def allocate(sets: list[tuple[ClassSet, torch.Tensor]], cost: CostModel, budget:
     """Remove classes from ``kept`` (a bool per channel id, at class roots; changed in place) until the cost is at
     most ``ratio`` of dense, and return the cost reached. ``sets`` pair each coupled set with its class scores
     (removed classes -inf, blocked +inf); ``normalise=False`` ranks them as they are (scores in the same units
-    everywhere). Returns more than the target only where the width floors forbid it."""
+    everywhere). Returns more than the target only where the width floors forbid it.
+
+    On a ramp (``ratio`` above the budget's), global allocation removes only classes that the budget's own
+    allocation, planned now, would remove: otherwise early steps could spend the small classes (MLP widths) and leave
+    the last step only coarse ones (heads), landing well below the budget."""
     views = [_view(cs, scores, budget, normalise) for cs, scores in sets]
-    target = ratio * cost.dense
     if budget.allocation == "uniform" or budget.allocation == "auto" and normalise:
-        return _uniform(views, cost, kept, target)
-    return _global(views, cost, kept, target)
+        return _uniform(views, cost, kept, ratio * cost.dense)
+    if ratio > budget.ratio:
+        plan = kept.clone()
+        plan_steps = _spend(views, cost, plan, budget.ratio * cost.dense)
+        for view, taken in zip(views, plan_steps, strict=True):
+            del view.widths[taken + 1:]
+    _spend(views, cost, kept, ratio * cost.dense)
+    return cost.total(kept)
+
+
+def _spend(views: list[_Set], cost: CostModel, kept: torch.Tensor, target: float) -> list[int]:
+    """Global allocation into ``kept``; returns how many of each view's widths it took."""
+    steps = [0] * len(views)
+    touched: set[int] = set()
+    total = _global(views, cost, kept, target, steps, touched)
+    _tighten(views, cost, kept, target, total, steps, touched)
+    return steps
 
 
 def _view(cs: ClassSet, scores: torch.Tensor, budget: Budget, normalise: bool) -> _Set:
@@ -148,14 +169,16 @@ def _remove(view: _Set, kept: torch.Tensor, start: int, stop: int, value: bool =
     kept[view.cs.classes[view.order[start:stop]]] = value
 
 
-def _global(views: list[_Set], cost: CostModel, kept: torch.Tensor, target: float) -> float:
+def _global(views: list[_Set], cost: CostModel, kept: torch.Tensor, target: float, steps: list[int],
+            touched: set[int], frozen: int | None = None) -> float:
+    """Greedy removals (never from view ``frozen``) until the cost fits, then the refill; ``steps`` and ``touched``
+    are updated in place."""
     total = cost.total(kept)
-    steps = [0] * len(views)  # how many of each view's widths were taken
-    touched: set[int] = set()
     slack = TOLERANCE * cost.dense
     while total > target:
         savings = cost.savings(kept)
-        heap = [(_unit_ratio(v, steps[i], savings), i) for i, v in enumerate(views) if steps[i] + 1 < len(v.widths)]
+        heap = [(_unit_ratio(v, steps[i], savings), i) for i, v in enumerate(views)
+                if steps[i] + 1 < len(v.widths) and i != frozen]
         heapq.heapify(heap)
         need, gained, deferred = total - target, 0.0, []
         while heap and gained < need:
@@ -195,6 +218,28 @@ def _unit_ratio(view: _Set, step: int, savings: torch.Tensor) -> float:
     start, stop = view.widths[0] - view.widths[step], view.widths[0] - view.widths[step + 1]
     saved = _unit_saving(view, step, savings)
     return float(view.scores[view.order[start:stop]].sum()) / saved if saved > 0 else math.inf
+
+
+def _tighten(views: list[_Set], cost: CostModel, kept: torch.Tensor, target: float, total: float,
+             steps: list[int], touched: set[int]) -> float:
+    """When only coarse removals were left (heads) and the cost fell more than TOLERANCE below the target: put back
+    one view's last removal and take smaller ones elsewhere instead, keeping whichever lands closest below it."""
+    best = None
+    for i in sorted(touched) if target - total > TOLERANCE * cost.dense else []:
+        if steps[i] == 0:
+            continue
+        trial, trial_steps = kept.clone(), list(steps)
+        view = views[i]
+        _remove(view, trial, view.widths[0] - view.widths[steps[i] - 1], view.widths[0] - view.widths[steps[i]], True)
+        trial_steps[i] -= 1
+        reached = _global(views, cost, trial, target, trial_steps, set(touched), frozen=i)
+        if total < reached <= target and (best is None or reached > best[0]):
+            best = (reached, trial, trial_steps)
+    if best is None:
+        return total
+    kept.copy_(best[1])
+    steps[:] = best[2]
+    return best[0]
 
 
 def _refill(views: list[_Set], cost: CostModel, kept: torch.Tensor, target: float, total: float,
