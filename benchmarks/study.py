@@ -6,14 +6,21 @@
 
 The protocol is the same for every method; only the choice of channels differs:
 
-1. Dense training: the app's network (DigitsCNN or DigitsResNet) trains ``pretrain_epochs`` epochs with AdamW, once per
-   seed; every method starts from that model.
+1. Dense training: the app's network (DigitsCNN, DigitsResNet, or the transformers ViT of ``model=hf_vit_digits``)
+   trains with AdamW as the app trains it (15 epochs at 1e-2; the ViT 30 at 2e-3), once per seed; every method starts
+   from that model.
 2. Iterative pruning: ``ticks`` pruning steps, each after ``steps_per_tick`` fine-tuning steps, ramping to the budget
    (the fraction of the dense MACs that may remain). Ours ramp the MACs removed linearly through the groups'
    ``sparsity_level`` and mask; Torch-Pruning ramps its channel ratio linearly (``iterative_steps``, its README's
    loop) and removes channels at each step, with the ratio calibrated so that its final MACs meet the same budget.
-3. Fine-tuning: ``finetune_steps`` more steps; ours then fuse. Every phase uses a fresh AdamW and, within a seed, the
-   same batches for every method.
+3. Fine-tuning: ``finetune_steps`` more steps; ours then fuse. Every phase uses a fresh AdamW at 0.3 times the dense
+   learning rate and, within a seed, the same batches for every method.
+
+The ViT is pruned to 0.5 and 0.25 only: its residual stream is LayerNorm'd, which exact fusion cannot narrow, so with
+every head and MLP width down to one the MACs stay at 0.13 of dense. Torch-Pruning prunes it anyway (its README's
+ViT recipe: ``num_heads``, whole heads, the hidden width too), changing the function and letting fine-tuning recover.
+Its iterative mode fails on the heads (ZeroDivisionError in ``BasePruner._prune``), so it prunes the ViT in one step,
+at the first pruning step, and fine-tunes for the same number of steps.
 
 Methods: our Saliency (L1), FPGM, Taylor (first-order, EMA over the training steps) and Activation (mean |output|),
 each with ``allocation="uniform"`` (the same fraction of every coupled set) and ``"global"`` (classes ranked across
@@ -46,12 +53,28 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from lightning_prune.app.data import DigitsDataModule  # noqa: E402
+from lightning_prune.app.hf import vit_digits  # noqa: E402
 from lightning_prune.app.models import DigitsCNN, DigitsResNet  # noqa: E402
 from lightning_prune.measure import count_macs  # noqa: E402
 from lightning_prune.sparsifier import ActivationPruner, FPGMPruner, SaliencyPruner, TaylorPruner  # noqa: E402
 
-MODELS: dict[str, Callable[[], nn.Module]] = {"CNN": DigitsCNN, "ResNet": DigitsResNet}
-BUDGETS = (0.5, 0.25, 0.1)
+
+@dataclass(frozen=True)
+class Spec:
+    """A network of the study: how to build it, train it dense, find its classifier, and the budgets it can reach."""
+
+    build: Callable[[], nn.Module]
+    epochs: int
+    lr: float
+    classifier: Callable[[nn.Module], nn.Module]
+    budgets: tuple[float, ...] = (0.5, 0.25, 0.1)
+
+
+MODELS = {
+    "CNN": Spec(DigitsCNN, 15, 1e-2, lambda m: m.classifier),
+    "ResNet": Spec(DigitsResNet, 15, 1e-2, lambda m: m.classifier),
+    "ViT": Spec(vit_digits, 30, 2e-3, lambda m: m.model.classifier, (0.5, 0.25)),
+}
 OURS = {"Saliency": SaliencyPruner, "FPGM": FPGMPruner, "Taylor": TaylorPruner, "Activation": ActivationPruner}
 THEIRS: dict[str, Callable[[], tp.importance.Importance]] = {
     "TP Magnitude": lambda: tp.importance.MagnitudeImportance(p=1, group_reduction="first", normalizer=None),
@@ -63,13 +86,12 @@ METHODS = [f"{name} {allocation}" for name in OURS for allocation in ("uniform",
 
 @dataclass(frozen=True)
 class Protocol:
-    pretrain_epochs: int = 15
     ticks: int = 5
     steps_per_tick: int = 20
     finetune_steps: int = 60
     batch_size: int = 64
-    pretrain_lr: float = 1e-2
-    finetune_lr: float = 3e-3
+    finetune_lr_scale: float = 0.3  # of the dense learning rate
+    epochs_scale: float = 1.0  # of each network's dense epochs
 
 
 class Digits:
@@ -107,53 +129,74 @@ def train(model: nn.Module, batches, steps: int, lr: float) -> None:
         optimizer.step()
 
 
-def pretrain(model_name: str, seed: int, data: Digits, protocol: Protocol) -> nn.Module:
+def pretrain(spec: Spec, seed: int, data: Digits, protocol: Protocol) -> nn.Module:
     torch.manual_seed(seed)
-    model = MODELS[model_name]()
+    model = spec.build()
     steps_per_epoch = len(data.train[0]) // data.batch_size
     batches = data.batches(torch.Generator().manual_seed(seed))
-    train(model, batches, protocol.pretrain_epochs * steps_per_epoch, protocol.pretrain_lr)
+    train(model, batches, round(spec.epochs * protocol.epochs_scale * steps_per_epoch), spec.lr)
     return model
 
 
-def run_ours(method: str, model: nn.Module, budget: float, data: Digits, protocol: Protocol, batches) -> None:
+def run_ours(method: str, model: nn.Module, budget: float, data: Digits, protocol: Protocol, batches,
+             lr: float) -> None:
     name, allocation = method.rsplit(" ", 1)
     pruner = OURS[name](target={"macs": budget, "allocation": allocation})
     pruner.prepare(model, None, exclude_output=True, example_inputs=data.example)
     for tick in range(1, protocol.ticks + 1):
-        train(model, batches, protocol.steps_per_tick, protocol.finetune_lr)
+        train(model, batches, protocol.steps_per_tick, lr)
         for group in pruner.groups:
             group["sparsity_level"] = (1 - budget) * tick / protocol.ticks
         pruner.step()
-    train(model, batches, protocol.finetune_steps, protocol.finetune_lr)
+    train(model, batches, protocol.finetune_steps, lr)
     pruner.prune()
 
 
+def tp_pruner(spec: Spec, model: nn.Module, example: torch.Tensor, importance, ratio: float, steps: int = 1):
+    """Torch-Pruning's MetaPruner as its README sets it up; for attention, its ViT recipe (whole heads)."""
+    heads = {module: module_heads for name, module in model.named_modules() for module_heads in [_heads(model, name)]
+             if module_heads}
+    extra = {"num_heads": heads, "prune_num_heads": True, "prune_head_dims": False, "head_pruning_ratio": ratio} \
+        if heads else {}
+    return tp.pruner.MetaPruner(model, example, importance=importance, pruning_ratio=ratio, iterative_steps=steps,
+                                ignored_layers=[spec.classifier(model)], **extra)
+
+
+def _heads(model: nn.Module, name: str) -> int | None:
+    """The head count of a query/key/value projection of the transformers ViT, else None."""
+    if name.rpartition(".")[2] not in ("q_proj", "k_proj", "v_proj"):
+        return None
+    return model.model.config.num_attention_heads
+
+
 def run_theirs(method: str, model: nn.Module, ratio: float, data: Digits, protocol: Protocol, batches,
-               seed: int) -> None:
+               seed: int, spec: Spec) -> None:
     importance = THEIRS[method]()
-    pruner = tp.pruner.MetaPruner(model, data.example, importance=importance, pruning_ratio=ratio,
-                                  iterative_steps=protocol.ticks, ignored_layers=[model.classifier])
+    # its iterative head pruning fails (ZeroDivisionError in BasePruner._prune): the ViT goes in one step, at the first
+    one_shot = any(_heads(model, name) for name, _ in model.named_modules())
+    pruner = tp_pruner(spec, model, data.example, importance, ratio, 1 if one_shot else protocol.ticks)
+    lr = spec.lr * protocol.finetune_lr_scale
     gradients = data.batches(torch.Generator().manual_seed(10_000 + seed))  # Taylor's batch, apart from training's
-    for _ in range(protocol.ticks):
-        train(model, batches, protocol.steps_per_tick, protocol.finetune_lr)
+    for tick in range(protocol.ticks):
+        train(model, batches, protocol.steps_per_tick, lr)
+        if one_shot and tick:
+            continue
         if isinstance(importance, tp.importance.GroupTaylorImportance):
             x, y = next(gradients)
             model.zero_grad()
             F.cross_entropy(model(x), y).backward()
         pruner.step()
-    train(model, batches, protocol.finetune_steps, protocol.finetune_lr)
+    train(model, batches, protocol.finetune_steps, lr)
 
 
-def tp_ratio(model_name: str, budget: float, example: torch.Tensor) -> float:
+def tp_ratio(spec: Spec, budget: float, example: torch.Tensor) -> float:
     """The smallest Torch-Pruning channel ratio whose one-shot result has at most ``budget`` of the dense MACs (the
     MACs of uniform, non-global pruning do not depend on the importance)."""
-    dense = count_macs(MODELS[model_name](), example)
+    dense = count_macs(spec.build(), example)
 
     def macs_at(ratio: float) -> float:
-        model = MODELS[model_name]()
-        tp.pruner.MetaPruner(model, example, importance=tp.importance.MagnitudeImportance(), pruning_ratio=ratio,
-                             ignored_layers=[model.classifier]).step()
+        model = spec.build()
+        tp_pruner(spec, model, example, tp.importance.MagnitudeImportance(), ratio).step()
         return count_macs(model, example) / dense
 
     low, high = 0.0, 0.99
@@ -164,24 +207,26 @@ def tp_ratio(model_name: str, budget: float, example: torch.Tensor) -> float:
 
 
 def study(seeds: list[int], budgets: tuple[float, ...], methods: list[str], protocol: Protocol,
-          log: Callable[[str], None] = print) -> list[dict]:
+          log: Callable[[str], None] = print, models: tuple[str, ...] = tuple(MODELS)) -> list[dict]:
     data = Digits(protocol.batch_size)
     rows = []
-    for model_name in MODELS:
-        ratios = {budget: tp_ratio(model_name, budget, data.example) for budget in budgets}
-        dense_macs = count_macs(MODELS[model_name](), data.example)
+    for model_name in models:
+        spec = MODELS[model_name]
+        reachable = [budget for budget in budgets if budget in spec.budgets]
+        ratios = {budget: tp_ratio(spec, budget, data.example) for budget in reachable}
+        dense_macs = count_macs(spec.build(), data.example)
         for seed in seeds:
-            dense = pretrain(model_name, seed, data, protocol)
+            dense = pretrain(spec, seed, data, protocol)
             dense_accuracy = data.accuracy(dense)
-            for budget in budgets:
+            for budget in reachable:
                 for method in methods:
                     started = time.perf_counter()
                     model = copy.deepcopy(dense)
                     batches = data.batches(torch.Generator().manual_seed(1_000 + seed))
                     if method in THEIRS:
-                        run_theirs(method, model, ratios[budget], data, protocol, batches, seed)
+                        run_theirs(method, model, ratios[budget], data, protocol, batches, seed, spec)
                     else:
-                        run_ours(method, model, budget, data, protocol, batches)
+                        run_ours(method, model, budget, data, protocol, batches, spec.lr * protocol.finetune_lr_scale)
                     row = {"model": model_name, "method": method, "budget": budget, "seed": seed,
                            "accuracy": data.accuracy(model), "macs": count_macs(model, data.example) / dense_macs,
                            "dense_accuracy": dense_accuracy, "seconds": time.perf_counter() - started}
@@ -273,9 +318,9 @@ def main(argv: list[str] | None = None) -> int:
         rows = json.loads(args.out.read_text())["rows"]
     else:
         torch.set_num_threads(1)
-        protocol = Protocol(pretrain_epochs=2, ticks=2, steps_per_tick=3, finetune_steps=3) if args.quick \
+        protocol = Protocol(epochs_scale=0.1, ticks=2, steps_per_tick=3, finetune_steps=3) if args.quick \
             else Protocol()
-        seeds, budgets = ([0], (0.5,)) if args.quick else (list(range(args.seeds)), BUDGETS)
+        seeds, budgets = ([0], (0.5,)) if args.quick else (list(range(args.seeds)), (0.5, 0.25, 0.1))
         methods = ["Taylor global", "TP Taylor"] if args.quick else METHODS
         started = time.perf_counter()
         rows = study(seeds, budgets, methods, protocol)

@@ -72,11 +72,14 @@ def test_errors_fit_a_table_cell_and_keep_the_reason_at_the_end():
 def test_the_study_runs_ours_and_torch_pruning_to_the_same_budget():
     from benchmarks import study
 
-    protocol = study.Protocol(pretrain_epochs=1, ticks=1, steps_per_tick=2, finetune_steps=1)
-    rows = study.study([0], (0.5,), ["Taylor global", "TP Taylor"], protocol, log=lambda line: None)
-    assert [(r["model"], r["method"]) for r in rows] == [(m, method) for m in study.MODELS
-                                                          for method in ("Taylor global", "TP Taylor")]
+    protocol = study.Protocol(epochs_scale=0.05, ticks=1, steps_per_tick=2, finetune_steps=1)
+    rows = study.study([0], (0.5, 0.1), ["Taylor global", "TP Taylor"], protocol, log=lambda line: None,
+                       models=("CNN", "ViT"))
+    # the ViT cannot reach 0.1 exactly (its LayerNorm'd residual stream stays), so it is not run there
+    assert [(r["model"], r["budget"], r["method"]) for r in rows] == [
+        (model, budget, method) for model, budgets in (("CNN", (0.5, 0.1)), ("ViT", (0.5,)))
+        for budget in budgets for method in ("Taylor global", "TP Taylor")]
     for row in rows:
-        assert 0.4 <= row["macs"] <= 0.5 and 0 <= row["accuracy"] <= 1, row
+        assert row["budget"] - 0.1 <= row["macs"] <= row["budget"] and 0 <= row["accuracy"] <= 1, row
     table = study.markdown(rows)
     assert "| Taylor global | " in table and "MACs ≤ 0.5" in table
