@@ -257,3 +257,12 @@ def test_a_per_head_mask_computed_at_run_time_keeps_the_heads():
 
     with pytest.raises(UnsupportedPatternError, match="per-head mask"):
         SaliencyPruner().prepare(PerHeadMask(), [{"tensor_fqn": "qkv.weight"}], example_inputs=torch.randn(2, 5, 16))
+
+
+def test_the_transformer_example_prunes_heads_exactly_and_reloads(capsys):
+    import runpy
+
+    runpy.run_path("examples/transformer_heads.py", run_name="__main__")
+    printed = capsys.readouterr().out
+    assert "group-of-32/16" in printed and "query heads per layer 4 -> 2" in printed
+    assert "max |masked - pruned| 0.00e+00" in printed and "same logits = True" in printed

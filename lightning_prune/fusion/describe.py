@@ -61,14 +61,14 @@ def format_table(data: dict[str, Any]) -> str:
     """A fixed-width table of :func:`describe`'s data."""
     source = f"{data['front_end']}, {'shapes from example inputs' if data['shapes'] else 'no shapes'}"
     lines = [f"Pruning plan ({source}; sizes at sparsity {data['sparsity_level']})",
-             f"{'group':>5}  {'channels':>8}  {'removable':>9}  {'granularity':<12} {'producers (* configured)':<44}"
+             f"{'group':>5}  {'channels':>8}  {'removable':>9}  {'granularity':<14} {'producers (* configured)':<44}"
              " blocked by"]
     for row in data["groups"]:
         names = ", ".join(f"{p}{'*' if p in row['configured'] else ''}" for p in row["producers"])
         names = names if len(names) <= 44 else names[:41] + "..."
         blocked = _short(row["blocked_by"][0]) + (f" (+{len(row['blocked_by']) - 1})" if len(row["blocked_by"]) > 1
                                                   else "") if row["blocked_by"] else "-"
-        lines.append(f"{row['group']:>5}  {row['channels']:>8}  {row['removable']:>9}  {row['granularity']:<12} "
+        lines.append(f"{row['group']:>5}  {row['channels']:>8}  {row['removable']:>9}  {row['granularity']:<14} "
                      f"{names:<44} {blocked}")
     params = data["params"]
     ratio = params["pruned"] / max(params["dense"], 1)

@@ -173,7 +173,8 @@ class PruningPlan:
 
 
 def _granularity(plan: PruningPlan, producers: list[Producer], classes: torch.Tensor) -> str:
-    """channel, or group-of-k when each class holds k rows of a producer (heads, GroupNorm groups)."""
+    """channel, or group-of-k when each class holds k rows of a producer (heads, GroupNorm groups); group-of-k/m when
+    producers differ (grouped-query attention: a key/value head's rows, and its query heads' rows)."""
     sizes = set()
     for producer in producers:
         cls = plan.classes(producer.labels)
@@ -184,7 +185,7 @@ def _granularity(plan: PruningPlan, producers: list[Producer], classes: torch.Te
             sizes |= set((counts // rows_per_channel).tolist())
     if not sizes or sizes == {1}:
         return "channel"
-    return f"group-of-{max(sizes)}" if len(sizes) == 1 else "mixed"
+    return "group-of-" + "/".join(str(size) for size in sorted(sizes, reverse=True))
 
 
 def analyse(
