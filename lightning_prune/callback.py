@@ -28,7 +28,7 @@ from lightning_prune.fusion.plan import PruningPlan
 from lightning_prune.measure import count_params
 from lightning_prune.optim import carry_optimizer_state
 from lightning_prune.schedule import SparsityScheduler
-from lightning_prune.selection import check_patterns_match, checked_config, checked_patterns
+from lightning_prune.selection import check_arguments, check_patterns_match, checked_config, checked_patterns
 from lightning_prune.sparsifier import BaseStructuredSparsifier, StatisticsPruner
 from lightning_prune.sparsifier.explain import explain
 from lightning_prune.sparsifier.statistics import mean_over_ranks
@@ -100,17 +100,10 @@ class StructuredPruning(Callback):
             raise PruningConfigError(
                 f"pruner must be a BaseStructuredSparsifier (e.g. SaliencyPruner(sparsity_level=0.5)), got {pruner!r}"
             )
-        if target is not None and shrink_every_n_steps is not None:
-            raise PruningConfigError("target and shrink_every_n_steps cannot be combined yet: a budget is relative to "
-                                     "the dense model, which a shrink replaces")
+        check_arguments(config, include, exclude, shrink_every_n_steps, target)
         if target is not None:
             pruner.use_budget(target)
         self.scheduler = SparsityScheduler(pruner, schedule, start_step, end_step, every_n_steps)
-        if shrink_every_n_steps is not None and (isinstance(shrink_every_n_steps, bool) or
-                                                 not isinstance(shrink_every_n_steps, int) or shrink_every_n_steps < 1):
-            raise PruningConfigError(f"shrink_every_n_steps must be None or an int >= 1, got {shrink_every_n_steps!r}")
-        if config is not None and (include is not None or exclude is not None):
-            raise PruningConfigError("give either config (explicit tensors) or include/exclude patterns, not both")
         self.pruner = pruner
         self.config = checked_config(config)
         self.include, self.exclude = checked_patterns("include", include), checked_patterns("exclude", exclude)

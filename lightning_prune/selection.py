@@ -1,4 +1,5 @@
-"""Checks of the tensor selection a user gives StructuredPruning: config entries and include/exclude regexes.
+"""Checks of what a user gives StructuredPruning and the pruners: config entries, include/exclude regexes, and
+argument combinations.
 
 They need no model, so bad values fail when the callback is built, with what a good value looks like.
 """
@@ -64,3 +65,20 @@ def check_patterns_match(include: list[str] | None, model: Any) -> None:
             f"include={include} matches no weight of {type(model).__name__}; its weights: "
             f"{', '.join(weights[:8])}{', ...' if len(weights) > 8 else ''}"
         )
+
+
+def check_arguments(config: Any, include: Any, exclude: Any, shrink_every_n_steps: Any, target: Any) -> None:
+    """Combinations of StructuredPruning's arguments that cannot work together.
+
+    Raises:
+        PruningConfigError: both an explicit ``config`` and include/exclude patterns; a budget with mid-fit shrinking
+            (a budget is relative to the dense model, which a shrink replaces); a bad ``shrink_every_n_steps``.
+    """
+    if config is not None and (include is not None or exclude is not None):
+        raise PruningConfigError("give either config (explicit tensors) or include/exclude patterns, not both")
+    if target is not None and shrink_every_n_steps is not None:
+        raise PruningConfigError("target and shrink_every_n_steps cannot be combined yet: a budget is relative to "
+                                 "the dense model, which a shrink replaces")
+    if shrink_every_n_steps is not None and (isinstance(shrink_every_n_steps, bool) or
+                                             not isinstance(shrink_every_n_steps, int) or shrink_every_n_steps < 1):
+        raise PruningConfigError(f"shrink_every_n_steps must be None or an int >= 1, got {shrink_every_n_steps!r}")

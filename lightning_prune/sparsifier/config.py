@@ -8,13 +8,14 @@ from __future__ import annotations
 import difflib
 import numbers
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
 from lightning_prune.errors import PruningConfigError
+from lightning_prune.selection import checked_config, checked_patterns
 
 DEFAULTS = {"sparsity_level": 0.5, "prune_bias": True}
 #: keys of a group dict that name the tensor rather than a hyper-parameter
@@ -28,16 +29,16 @@ def check_sparsity(value: Any, where: str) -> None:
 
 
 def config_fqns(config: Any) -> list[str]:
-    """The tensor FQNs of a config (``[{"tensor_fqn": ...}, ...]``), checked for shape and duplicates."""
-    if not isinstance(config, (list, tuple)):
-        raise PruningConfigError(f"config must be a list of {{'tensor_fqn': ...}} dicts or None, got {config!r}")
+    """The tensor FQNs of a config (``[{"tensor_fqn": ...}, ...]``), checked for shape and duplicates.
+
+    Raises:
+        PruningConfigError: not a list of dicts with a ``tensor_fqn`` string (the message shows one), or a tensor
+            named twice.
+    """
+    if config is None:
+        raise PruningConfigError("config must be a list of {'tensor_fqn': ...} dicts here, got None")
     fqns = []
-    for entry in config:
-        if not isinstance(entry, Mapping) or not isinstance(entry.get("tensor_fqn"), str):
-            raise PruningConfigError(
-                f"each config entry must be a dict like {{'tensor_fqn': 'net.0.weight'}} (optionally with "
-                f"'sparsity_level' / 'prune_bias'), got {entry!r}"
-            )
+    for entry in checked_config(config):
         if entry["tensor_fqn"] in fqns:
             raise PruningConfigError(f"tensor_fqn '{entry['tensor_fqn']}' is configured twice")
         fqns.append(entry["tensor_fqn"])
@@ -48,14 +49,10 @@ def fqn_filter(include: list[str] | None, exclude: list[str] | None) -> Callable
     """Whether a tensor FQN matches an ``include`` regex (any, if None) and no ``exclude`` regex.
 
     Raises:
-        PruningConfigError: a pattern is not a valid regex.
+        PruningConfigError: a pattern is not a valid regex, or the patterns are not lists.
     """
-    patterns = {}
-    for pattern in (include or []) + (exclude or []):
-        try:
-            patterns[pattern] = re.compile(pattern)
-        except re.error as exc:
-            raise PruningConfigError(f"include/exclude pattern {pattern!r} is not a valid regex: {exc}") from None
+    include, exclude = checked_patterns("include", include), checked_patterns("exclude", exclude)
+    patterns = {p: re.compile(p) for p in (include or []) + (exclude or [])}
 
     def select(fqn: str) -> bool:
         return (include is None or any(patterns[p].search(fqn) for p in include)) and not any(
