@@ -3,7 +3,7 @@
 from lightning_prune.callback import StructuredPruning
 from lightning_prune.checkpoint import load_pruned, narrow_to_state_dict
 from lightning_prune.errors import PrunerStateError, PruningConfigError, UnsupportedPatternError
-from lightning_prune.fusion import (
+from lightning_prune.fusion.rules import (
     BlockingRule,
     ChannelwiseRule,
     ContainerRule,

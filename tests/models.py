@@ -475,6 +475,16 @@ def assert_outputs_match(expected: torch.Tensor, actual: torch.Tensor, rtol: flo
     assert diff <= rtol * scale, f"max abs diff {diff:.3g} exceeds {rtol:g} * {scale:.3g}"
 
 
+def step_and_prune_exactly(pruner, model: nn.Module, *inputs: torch.Tensor) -> None:
+    """``step()``, then ``prune()``: the same model object, whose output now equals the masked one's."""
+    pruner.step()
+    with torch.no_grad():
+        masked = model(*inputs)
+    assert pruner.prune() is model
+    with torch.no_grad():
+        assert_outputs_match(masked, model(*inputs))
+
+
 def randomize_norms(model: nn.Module) -> None:
     """Give each norm (BatchNorm, InstanceNorm, GroupNorm, LayerNorm) statistics and affine values far from 0 and 1,
     and each PReLU slopes far from its default, so slicing errors show."""

@@ -19,7 +19,7 @@ from torch import nn
 import lightning_prune as lp
 from benchmarks import families
 from lightning_prune.measure import count_macs
-from tests.models import assert_outputs_match, randomize_norms
+from tests.models import assert_outputs_match, randomize_norms, step_and_prune_exactly
 from tests.test_architectures import RandomRowPruner
 from tests.test_shapes import prune
 
@@ -44,12 +44,7 @@ def prune_family(model: nn.Module, pruner: lp.BaseStructuredSparsifier) -> float
     x = model.example_input(batch=2)
     dense = count_macs(model, x[:1])
     pruner.prepare(model, None, exclude_output=True, example_inputs=(x,))
-    pruner.step()
-    with torch.no_grad():
-        masked = model(x)
-    pruner.prune()
-    with torch.no_grad():
-        assert_outputs_match(masked, model(x))
+    step_and_prune_exactly(pruner, model, x)
     return count_macs(model, x[:1]) / dense
 
 

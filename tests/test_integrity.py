@@ -11,7 +11,7 @@ from torch.nn.utils import parametrize
 
 import lightning_prune as lp
 from lightning_prune.fusion.surgery import InjectedFault, inject_fault
-from tests.models import assert_outputs_match, randomize_norms
+from tests.models import assert_outputs_match, randomize_norms, step_and_prune_exactly
 
 
 def config_for(*fqns: str) -> list[dict]:
@@ -29,12 +29,7 @@ def prune_exactly(model, config, x, exclude_output=False, **pruner_kwargs):
     pruner = lp.SaliencyPruner(sparsity_level=0.5, **pruner_kwargs)
     args = x if isinstance(x, tuple) else (x,)
     pruner.prepare(model, config, exclude_output=exclude_output, example_inputs=args)
-    pruner.step()
-    with torch.no_grad():
-        masked = model(*args)
-    assert pruner.prune() is model
-    with torch.no_grad():
-        assert_outputs_match(masked, model(*args))
+    step_and_prune_exactly(pruner, model, *args)
     assert unique_params(model) <= dense
     return pruner
 

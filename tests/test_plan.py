@@ -15,7 +15,7 @@ from benchmarks import models as archs
 from lightning_prune.app import DigitsCNN
 from lightning_prune.fusion.rules import rule_for
 from lightning_prune.measure import count_macs
-from tests.models import assert_outputs_match
+from tests.models import step_and_prune_exactly
 
 
 def test_explain_reads_the_plan_without_touching_the_model() -> None:
@@ -108,12 +108,7 @@ def test_a_pruner_can_carry_its_own_rules_for_layers_and_functions() -> None:
     const = lp.ElementwiseRule(lambda module, values: values * torch.sigmoid(values))
     pruner = lp.SaliencyPruner(sparsity_level=0.5, prune_bias=False, rules={Swish: const, swish: const})
     pruner.prepare(model, [{"tensor_fqn": "fc1.weight"}])
-    pruner.step()
-    with torch.no_grad():
-        masked = model(x)
-    pruner.prune()
-    with torch.no_grad():
-        assert_outputs_match(masked, model(x))
+    step_and_prune_exactly(pruner, model, x)
     assert model.fc1.out_features == model.fc2.in_features == 4
     assert rule_for(Swish()) is None, "a pruner's rules do not leak into the global registry"
 

@@ -21,7 +21,7 @@ from torch import fx, nn
 
 import lightning_prune as lp
 from benchmarks.families import StochasticDepth, stochastic_depth
-from tests.models import assert_outputs_match, randomize_norms
+from tests.models import randomize_norms, step_and_prune_exactly
 from tests.test_exactness import make_pruner, prune_and_compare
 
 
@@ -209,12 +209,7 @@ def prune(model: nn.Module, config: list[str], x: torch.Tensor, prune_bias: bool
     model.eval()
     pruner = lp.SaliencyPruner(sparsity_level=0.5, prune_bias=prune_bias)
     pruner.prepare(model, [{"tensor_fqn": fqn} for fqn in config], example_inputs=(x,) if shapes else None)
-    pruner.step()
-    with torch.no_grad():
-        masked = model(x)
-    pruner.prune()
-    with torch.no_grad():
-        assert_outputs_match(masked, model(x))
+    step_and_prune_exactly(pruner, model, x)
     return pruner
 
 
