@@ -3,6 +3,7 @@
 from lightning_prune.callback import StructuredPruning
 from lightning_prune.checkpoint import load_pruned, narrow_to_state_dict
 from lightning_prune.errors import PrunerStateError, PruningConfigError, UnsupportedPatternError
+from lightning_prune.fusion.plan import PruningPlan
 from lightning_prune.fusion.rules import (
     BlockingRule,
     ChannelwiseRule,
@@ -15,7 +16,6 @@ from lightning_prune.fusion.rules import (
     register_layer,
     rules_scope,
 )
-from lightning_prune.fusion.plan import PruningPlan
 from lightning_prune.masks import FakeStructuredSparsity
 from lightning_prune.optim import carry_optimizer_state
 from lightning_prune.schedule import SparsityScheduler
