@@ -21,6 +21,7 @@ from torch.nn.utils import parametrize
 from lightning_prune.fusion.constants import input_node, propagate
 from lightning_prune.fusion.plan import PruningPlan
 from lightning_prune.fusion.surgery import Surgery
+from lightning_prune.fusion.walk import held
 from lightning_prune.masks import ChannelMask, FakeStructuredSparsity
 
 
@@ -56,6 +57,7 @@ class FusionResult:
 
 def fuse(plan: PruningPlan) -> FusionResult:
     """Shrink the model in place (see the module docstring)."""
+    plan.walk.refresh()
     walk, root = plan.walk, plan.groups.solve()
     kept = plan.kept_classes()
     consts, dependent = propagate(walk)
@@ -143,16 +145,9 @@ def _folds(plan, consts, root, kept, calls, keeps) -> dict[int, torch.Tensor]:
                 device = next(iter(module.parameters()), torch.empty(0)).device
                 delta = rule.fold(module, index.to(device), values[index].to(device)).detach()
                 _name, weight_name, dim = rule.fold_target(module)
-                rows = keeps.get(id(_original(module, weight_name)), {}).get(dim)
+                rows = keeps.get(id(held(module, weight_name)), {}).get(dim)
                 folds[id(module)] = delta if rows is None else delta[rows.to(delta.device)]
     return folds
-
-
-def _original(module: nn.Module, name: str) -> torch.Tensor:
-    """A tensor as the walk saw it: the original under a mask, or the plain parameter."""
-    if parametrize.is_parametrized(module, name):
-        return module.parametrizations[name].original
-    return module._parameters.get(name, module._buffers.get(name))
 
 
 def _mutate(ctx: FuseContext, keeps, folds, lineage: list) -> None:

@@ -86,6 +86,7 @@ class CostModel:
         """
         if metric not in METRICS:
             raise ValueError(f"unknown cost metric {metric!r}; choose one of {list(METRICS)}")
+        plan.walk.refresh()
         root = plan.groups.solve()
         dims: dict[int, list[torch.Tensor]] = {}
         for (tensor_id, _dim), binding in sorted(plan.walk.bindings.items(), key=lambda kv: kv[0][1]):

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 def describe(plan: PruningPlan, sparsity_level: float = 0.5) -> dict[str, Any]:
     """The plan as plain data (see :meth:`PruningPlan.to_dict`)."""
+    plan.walk.refresh()
     root = plan.groups.solve()
     kept = torch.ones(plan.groups.size, dtype=torch.bool)
     rows = []

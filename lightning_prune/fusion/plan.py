@@ -18,7 +18,7 @@ from torch import nn
 from lightning_prune.errors import OutputReachedError, UnsupportedPatternError
 from lightning_prune.fusion.dryrun import dry_run
 from lightning_prune.fusion.trace import trace
-from lightning_prune.fusion.walk import Producer, Walk, walk
+from lightning_prune.fusion.walk import Producer, Walk, held, walk
 
 
 @dataclass
@@ -140,9 +140,7 @@ class PruningPlan:
 
     def tensor(self, module: nn.Module, name: str) -> torch.Tensor | None:
         """A tensor as the walk saw it: the original under a mask, or the plain one."""
-        if hasattr(module, "parametrizations") and name in module.parametrizations:
-            return module.parametrizations[name].original
-        return module._parameters.get(name, module._buffers.get(name))
+        return held(module, name)
 
     def kept_classes(self) -> torch.Tensor:
         """A bool per channel id, read at class roots: True where the class stays under the current masks (a class

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.nn.utils import parametrize
 
 from lightning_prune.fusion.groups import ChannelGroups
 from lightning_prune.fusion.layout import FIXED, Layout
@@ -86,6 +87,37 @@ class Walk:
     notes: dict[str, Any] = field(default_factory=dict)  # what a rule tells the rule of a later node, by node name
     #: node name -> the op where the channels it is computed from were lost (refused without an output layout)
     lost: dict[str, str] = field(default_factory=dict)
+
+    def refresh(self) -> None:
+        """Follow tensors the model replaced since the walk: ``Module._apply`` (``.to``, ``.double()``, a strategy
+        moving the model to its device, a precision plugin) swaps buffers for new objects, and everything here is
+        keyed by the walk-time tensor's id. Each is found again where its first holder (module, name) keeps it, when
+        it has the shape the walk saw (a narrowed tensor, after prune, is another tensor)."""
+        shapes = {key[0]: binding.tensor.shape for key, binding in self.bindings.items()}
+        moved: dict[int, torch.Tensor] = {}
+        for old, holders in self.holders.items():
+            module, _fqn, name = holders[0]
+            current = held(module, name)
+            if current is not None and id(current) != old and current.shape == shapes.get(old, current.shape):
+                moved[old] = current
+        if not moved:
+            return
+        self.holders = {id(moved[k]) if k in moved else k: v for k, v in self.holders.items()}
+        self.frozen = {id(moved[k]) if k in moved else k: v for k, v in self.frozen.items()}
+        bindings = {}
+        for (old, dim), binding in self.bindings.items():
+            if old in moved:
+                binding = Binding(moved[old], dim, binding.labels, binding.where)
+            bindings[(id(binding.tensor), dim)] = binding
+        self.bindings = bindings
+        self.producers = {(id(moved[k]) if k in moved else k, dim): p for (k, dim), p in self.producers.items()}
+
+
+def held(module: nn.Module, name: str) -> torch.Tensor | None:
+    """``module.<name>`` as a plain parameter or buffer, or the original under a parametrization."""
+    if parametrize.is_parametrized(module, name):
+        return module.parametrizations[name].original
+    return module._parameters.get(name, module._buffers.get(name))
 
 
 def walk(model: nn.Module, traced: Traced) -> Walk:
