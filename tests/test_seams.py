@@ -54,3 +54,43 @@ def test_a_double_precision_run_narrows_the_running_statistics(tmp_path) -> None
     model.eval()
     with torch.no_grad():
         assert model(x).shape == (x.shape[0], CLASSES)
+
+
+class ReadsWhole(nn.Module):
+    """A hidden layer whose channels are pruned, and a parameter that also goes with them read whole elsewhere."""
+
+    def __init__(self, read: str):
+        super().__init__()
+        self.read = read
+        self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 4)
+        self.gain = nn.Parameter(torch.rand(16) + 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.a(x)) * self.gain
+        extra = {"weight-norm": lambda: self.a.weight.norm(dim=1).mean(), "bias-mean": lambda: self.a.bias.mean(),
+                 "gain-energy": lambda: (self.gain * self.gain).sum()}[self.read]()
+        return self.b(h) + extra
+
+
+@pytest.mark.parametrize(("read", "fqn", "op"), [("weight-norm", "a.weight", "norm"), ("bias-mean", "a.bias", "mean"),
+                                                 ("gain-energy", "gain", "mul")])
+def test_a_tensor_read_whole_outside_the_rules_that_narrow_it_is_refused(read, fqn, op) -> None:
+    """Narrowing it would change what that read computes: refused at prepare, naming the tensor and the read."""
+    model = ReadsWhole(read)
+    with pytest.raises(lp.UnsupportedPatternError, match=rf"'{fqn}' is read whole by .*'{op}'.*test_seams.py"):
+        lp.SaliencyPruner(sparsity_level=0.5).prepare(model, [{"tensor_fqn": "a.weight"}],
+                                                      example_inputs=(torch.randn(2, 8),))
+    assert not any(hasattr(m, "parametrizations") for m in model.modules())
+
+
+def test_a_tensor_read_only_where_it_is_narrowed_still_prunes() -> None:
+    class Gained(ReadsWhole):
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)) * self.gain)
+
+    model = Gained("bias-mean").eval()
+    x = torch.randn(3, 8)
+    pruner = lp.SaliencyPruner(sparsity_level=0.5)
+    pruner.prepare(model, [{"tensor_fqn": "a.weight"}], example_inputs=(x,))
+    step_and_prune_exactly(pruner, model, x)
+    assert model.gain.shape == (8,)

@@ -141,7 +141,7 @@ def walk(model: nn.Module, traced: Traced) -> Walk:
         elif node.op == "output":
             for value in visit.channel_inputs():
                 state.groups.mark_output(_labels_of(value))
-            _freeze_refs(state, visit, "is returned by forward")
+            _freeze_refs(state, visit, "is returned by forward from")
         else:
             rule = rules.module_rule(visit.module) if node.op == "call_module" else rules.function_rule(node.target)
             visit.rule = rule
@@ -153,6 +153,7 @@ def walk(model: nn.Module, traced: Traced) -> Walk:
                 rule.visit(visit)
                 if _labels_of(state.values.get(node.name)).numel():
                     state.steps.append((node, rule))
+            _freeze_refs(state, visit, "is read whole by", unbound_only=True)
             _note_lost(state, node, visit, len(state.groups.blocks) > blocks)
     for key, binding in state.bindings.items():
         reason = state.frozen.get(key[0])
@@ -191,11 +192,14 @@ def _labels_of(value: Any) -> torch.Tensor:
     return torch.empty(0, dtype=torch.long)
 
 
-def _freeze_refs(state: Walk, visit: Visit, why: str) -> None:
+def _freeze_refs(state: Walk, visit: Visit, why: str, unbound_only: bool = False) -> None:
+    """Parameters and buffers this node reads directly keep their shape, except those its rule narrows with the
+    channels (``unbound_only``): a read the rule did not bind (``self.gain.mean()``, ``self.fc.weight.norm()``)
+    would see a different tensor once the channels go."""
     for node in visit.node.all_input_nodes:
         ref = state.values.get(node.name)
-        if isinstance(ref, TensorRef):
-            state.frozen.setdefault(id(ref.tensor), f"'{ref.fqn}' {why} at {visit.where}, which keeps its shape")
+        if isinstance(ref, TensorRef) and not (unbound_only and id(ref.tensor) in visit.bound_ids):
+            state.frozen.setdefault(id(ref.tensor), f"'{ref.fqn}' {why} {visit.where}, which keeps its shape")
 
 
 class Visit:
@@ -206,6 +210,7 @@ class Visit:
         self.node = node
         self.module: nn.Module | None = modules.get(node.target) if node.op == "call_module" else None
         self.rule: Any = None
+        self.bound_ids: set[int] = set()  # ids of the tensors this node's rule bound
 
     # -- reading ------------------------------------------------------------------------------------------------
     @property
@@ -318,6 +323,7 @@ class Visit:
         if tensor is None:
             return
         key = (id(tensor), dim % tensor.dim())
+        self.bound_ids.add(id(tensor))
         previous = self.state.bindings.get(key)
         if previous is None:
             self.state.bindings[key] = Binding(tensor, dim % tensor.dim(), labels.reshape(-1), self.where)
