@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import lightning_prune as lp
@@ -94,3 +95,56 @@ def test_a_tensor_read_only_where_it_is_narrowed_still_prunes() -> None:
     pruner.prepare(model, [{"tensor_fqn": "a.weight"}], example_inputs=(x,))
     step_and_prune_exactly(pruner, model, x)
     assert model.gain.shape == (8,)
+
+
+class ScaledLinear(nn.Linear):
+    """Overrides forward: the base layer's rule no longer describes its call."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight * 2.0, self.bias)
+
+
+class PaddedConv(nn.Conv2d):
+    """Overrides forward with ops fusion follows one by one."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(F.pad(x, (1, 1, 1, 1)), self.weight, self.bias)
+
+
+class RenamedLinear(nn.Linear):
+    """Inherits forward: the base layer's rule holds."""
+
+
+def test_a_subclass_that_overrides_forward_is_not_read_as_its_base_layer() -> None:
+    model = nn.Sequential(ScaledLinear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    with pytest.raises(lp.UnsupportedPatternError,
+                       match=r"ScaledLinear '0' overrides Linear.forward.*register_layer\(ScaledLinear, Linear\)"):
+        lp.SaliencyPruner(sparsity_level=0.5).prepare(model, [{"tensor_fqn": "0.weight"}])
+
+
+def test_a_subclass_registered_with_its_base_layers_rule_prunes_exactly() -> None:
+    model = nn.Sequential(ScaledLinear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    x = torch.randn(3, 8)
+    with lp.rules_scope():
+        lp.register_layer(ScaledLinear, nn.Linear)
+        pruner = lp.SaliencyPruner(sparsity_level=0.5)
+        pruner.prepare(model, [{"tensor_fqn": "0.weight"}])
+        step_and_prune_exactly(pruner, model, x)
+    assert model[0].out_features == 8 and model[2].in_features == 8
+
+
+@pytest.mark.parametrize("layer", [PaddedConv, RenamedLinear])
+def test_subclasses_are_followed_through_their_forward_or_read_as_the_base(layer) -> None:
+    conv = layer is PaddedConv
+    model = (nn.Sequential(layer(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 4, 3)) if conv else
+             nn.Sequential(layer(8, 16), nn.ReLU(), nn.Linear(16, 4))).eval()
+    x = torch.randn(2, 3, 8, 8) if conv else torch.randn(3, 8)
+    pruner = lp.SaliencyPruner(sparsity_level=0.5)
+    pruner.prepare(model, [{"tensor_fqn": "0.weight"}], example_inputs=(x,))
+    step_and_prune_exactly(pruner, model, x)
+    assert (model[0].out_channels if conv else model[0].out_features) == 8
+
+
+def test_register_layer_with_a_type_that_has_no_rule_says_so() -> None:
+    with lp.rules_scope(), pytest.raises(lp.PruningConfigError, match="Module has no rule to share"):
+        lp.register_layer(ScaledLinear, nn.Module)

@@ -17,6 +17,7 @@ from torch import nn
 
 from lightning_prune.errors import OutputReachedError, UnsupportedPatternError
 from lightning_prune.fusion.dryrun import dry_run
+from lightning_prune.fusion.rules import registry
 from lightning_prune.fusion.trace import trace
 from lightning_prune.fusion.walk import Producer, Walk, held, walk
 
@@ -295,6 +296,13 @@ def _never_produced(model: nn.Module, state: Walk, fqn: str) -> str:
     module_fqn, _, name = fqn.rpartition(".")
     module = model.get_submodule(module_fqn)
     called = any(node.op == "call_module" and node.target == module_fqn for node in state.traced.graph.nodes)
+    found = registry.active().registered(module)
+    if not called and found is not None and registry.active().call_rule(module) is None:
+        kind, base = type(module).__name__, found[0].__name__
+        return (f"'{fqn}' is never used as a layer's output channels in forward: {kind} '{module_fqn}' overrides "
+                f"{base}.forward, so fusion follows its forward op by op, and there the weight is not a layer's "
+                f"weight; if {kind}'s channels map as {base}'s do, say so with "
+                f"lightning_prune.register_layer({kind}, {base})")
     if not called:
         return (f"'{fqn}' is never used as a layer's output channels in forward: {type(module).__name__} "
                 f"'{module_fqn}' is not called as a module in the traced graph (it is used inside another module or "

@@ -82,7 +82,7 @@ _TRACE_CODE = fx.Tracer.trace.__code__
 
 def _leaf_rule(module: nn.Module) -> bool:
     """Whether the module has a rule that reads its call as one node (container rules are traced through)."""
-    rule = registry.active().module_rule(module)
+    rule = registry.active().call_rule(module)
     return rule is not None and not rule.transparent
 
 

@@ -143,7 +143,7 @@ def walk(model: nn.Module, traced: Traced) -> Walk:
                 state.groups.mark_output(_labels_of(value))
             _freeze_refs(state, visit, "is returned by forward from")
         else:
-            rule = rules.module_rule(visit.module) if node.op == "call_module" else rules.function_rule(node.target)
+            rule = rules.call_rule(visit.module) if node.op == "call_module" else rules.function_rule(node.target)
             visit.rule = rule
             state.values[node.name] = None
             blocks = len(state.groups.blocks)

@@ -30,15 +30,30 @@ class Registry:
         self.names: dict[str, Rule] = {}  # "package.module.Name" of classes/functions not imported here
 
     def module_rule(self, module: nn.Module) -> Rule | None:
-        """The rule for the module's type or its nearest registered base class (scopes first)."""
-        for cls in type(module).__mro__:
+        """The rule for the module's type or its nearest registered base class (scopes first): what its size
+        attributes are and how to sync them."""
+        found = self.registered(module)
+        return None if found is None else found[1]
+
+    def call_rule(self, module: nn.Module) -> Rule | None:
+        """The rule for a call of the module: its :meth:`module_rule`, unless its class overrides the ``forward`` of
+        the class the rule was registered for (a ``Linear`` subclass that rescales its weight), whose call is then
+        traced through instead of read as the base layer."""
+        found = self.registered(module)
+        if found is None or getattr(type(module), "forward", None) is not getattr(found[0], "forward", None):
+            return None
+        return found[1]
+
+    def registered(self, module: nn.Module | type) -> tuple[type, Rule] | None:
+        """The nearest class in the module's (or class's) MRO with a rule, and that rule."""
+        for cls in (module if isinstance(module, type) else type(module)).__mro__:
             registry: Registry | None = self
             while registry is not None:
                 if cls in registry.modules:
-                    return registry.modules[cls]
+                    return cls, registry.modules[cls]
                 rule = registry.names.get(f"{cls.__module__}.{cls.__qualname__}")
                 if rule is not None:
-                    return rule
+                    return cls, rule
                 registry = registry.parent
         return None
 
@@ -118,18 +133,28 @@ def sync_containers(model: nn.Module, changed: Iterable[nn.Module],
     return synced
 
 
-def register_layer(layer_type: type[nn.Module], rule: Rule) -> None:
-    """Teach fusion how ``layer_type``'s channels map and how to narrow it; subclasses inherit the rule.
+def register_layer(layer_type: type[nn.Module], rule: Rule | type[nn.Module]) -> None:
+    """Teach fusion how ``layer_type``'s channels map and how to narrow it; subclasses inherit the rule unless they
+    override ``forward`` (their calls are then traced through). ``rule`` may also be a layer type with a rule, whose
+    rule ``layer_type`` then shares (``register_layer(MyScaledLinear, nn.Linear)`` for a subclass whose forward
+    keeps ``nn.Linear``'s channels).
 
     Registers in the innermost open :func:`rules_scope`, or globally.
 
     Raises:
-        PruningConfigError: ``layer_type`` is not an nn.Module subclass or ``rule`` is not a Rule.
+        PruningConfigError: ``layer_type`` is not an nn.Module subclass, or ``rule`` is neither a Rule nor a layer
+            type that has one.
     """
     from lightning_prune.fusion.rules.base import Rule
 
     if not (isinstance(layer_type, type) and issubclass(layer_type, nn.Module)):
         raise PruningConfigError(f"register_layer expects an nn.Module subclass, got {layer_type!r}")
+    if isinstance(rule, type) and issubclass(rule, nn.Module):
+        found = active().registered(rule)
+        if found is None:
+            raise PruningConfigError(f"register_layer: {rule.__name__} has no rule to share with "
+                                     f"{layer_type.__name__}; pass a Rule")
+        rule = found[1]
     if not isinstance(rule, Rule):
         raise PruningConfigError(
             f"register_layer expects a Rule (LayerRule, ChannelwiseRule, ElementwiseRule, ...), got {rule!r}"

@@ -59,7 +59,7 @@ def _per_head(v, node: fx.Node, user: fx.Node, rank: int, heads: set[int]) -> st
         module = v.state.model.get_submodule(user.target)
         if isinstance(module, nn.Softmax):
             return "softmax" if module.dim is not None and module.dim % rank == rank - 1 else None
-        rule = active().module_rule(module)
+        rule = active().call_rule(module)
         return "same" if type(rule) is ElementwiseRule else None
     if user.op not in ("call_function", "call_method"):
         return None
