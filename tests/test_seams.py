@@ -148,3 +148,34 @@ def test_subclasses_are_followed_through_their_forward_or_read_as_the_base(layer
 def test_register_layer_with_a_type_that_has_no_rule_says_so() -> None:
     with lp.rules_scope(), pytest.raises(lp.PruningConfigError, match="Module has no rule to share"):
         lp.register_layer(ScaledLinear, nn.Module)
+
+
+class ShapeNormed(nn.Module):
+    """A functional layer norm whose normalised shape is read off the tensor at run time."""
+
+    def __init__(self, trailing: int):
+        super().__init__()
+        self.trailing = trailing
+        self.a, self.b = nn.Conv2d(3, 16, 3), nn.Conv2d(16, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        return self.b(F.layer_norm(h, h.shape[-self.trailing:]))
+
+
+@pytest.mark.parametrize("example", [False, True])
+def test_a_layer_norm_over_the_channels_given_as_a_runtime_shape_is_refused(example) -> None:
+    """``h.shape[1:]`` of an (N, C, H, W) tensor spans the channels; without shapes its length is unknown."""
+    why = "normalises over the pruned channels" if example else "normalises over a number of dims computed at run"
+    with pytest.raises(lp.UnsupportedPatternError, match=why):
+        lp.SaliencyPruner(sparsity_level=0.5).prepare(
+            ShapeNormed(3), [{"tensor_fqn": "a.weight"}],
+            example_inputs=(torch.randn(2, 3, 8, 8),) if example else None)
+
+
+def test_a_layer_norm_over_the_spatial_dims_given_as_a_runtime_shape_prunes_exactly() -> None:
+    model, x = ShapeNormed(2).eval(), torch.randn(2, 3, 8, 8)
+    pruner = lp.SaliencyPruner(sparsity_level=0.5)
+    pruner.prepare(model, [{"tensor_fqn": "a.weight"}], example_inputs=(x,))
+    step_and_prune_exactly(pruner, model, x)
+    assert model.a.out_channels == 8

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import fx, nn
 
 from lightning_prune.fusion.rules.base import BlockingRule, ChannelwiseRule, input_layout, tie_axis
 from lightning_prune.fusion.rules.registry import aten, register_by_name, register_functions, register_layer
@@ -139,7 +139,8 @@ class NormOverLastRule(ChannelwiseRule):
     def __init__(self, normalized_dims=None):
         self.normalized_dims = normalized_dims
 
-    def normalized(self, v) -> int:
+    def normalized(self, v) -> int | None:
+        """How many trailing dims it normalises over; None when that is computed at run time and not known."""
         if self.normalized_dims is not None:
             return self.normalized_dims
         module = v.module
@@ -147,6 +148,9 @@ class NormOverLastRule(ChannelwiseRule):
             shape = getattr(module, "normalized_shape", None)
             return len(shape) if isinstance(shape, (tuple, list, torch.Size)) else 1
         shape = v.arg(1, "normalized_shape", ())
+        if isinstance(shape, fx.Node):  # ``h.shape[1:]``: its length is known only with shapes
+            shape = shape.meta.get("val")
+            return len(shape) if isinstance(shape, (tuple, list, torch.Size)) else None
         return len(shape) if isinstance(shape, (tuple, list)) else 1
 
     def visit(self, v) -> None:
@@ -156,6 +160,11 @@ class NormOverLastRule(ChannelwiseRule):
         count = self.normalized(v)
         ndim = v.ndim(v.arg(0, "input")) if v.shapes else flow.ndim
         axes = flow.axes if ndim is None else tuple(a - ndim for a in flow.axes)
+        if count is None:
+            v.block(flow, f"{v.where} normalises over a number of dims computed at run time; pass example_inputs "
+                          "so it is known")
+            v.set(flow)
+            return
         if any(a < 0 and a >= -count for a in axes) or (ndim is None and any(a >= 0 for a in axes)):
             v.block(flow, f"{v.where} normalises over the pruned channels, so its statistics change when they are "
                           "removed; leave this dimension whole and prune the layers inside the block instead (an "
