@@ -172,6 +172,6 @@ class SplitNet(nn.Module):
 @pytest.mark.parametrize("split", [lambda h: h.split([3, 5], 1), lambda h: h.split(4, 1)],
                          ids=["unequal", "literal_size"])
 def test_split_of_the_channels_into_sizes_written_in_the_code_is_refused(split: Callable) -> None:
-    with pytest.raises(lp.UnsupportedPatternError, match=r"'conv.weight'.*split.*(unequal|literal size \(4\))"):
+    with pytest.raises(lp.UnsupportedPatternError, match=r"'conv.weight'.*split.*(unequal|literal sizes \(4\))"):
         lp.SaliencyPruner().prepare(SplitNet(split), [{"tensor_fqn": "conv.weight"}],
                                     example_inputs=(torch.randn(1, 3, 4, 4),))

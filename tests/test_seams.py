@@ -179,3 +179,60 @@ def test_a_layer_norm_over_the_spatial_dims_given_as_a_runtime_shape_prunes_exac
     pruner.prepare(model, [{"tensor_fqn": "a.weight"}], example_inputs=(x,))
     step_and_prune_exactly(pruner, model, x)
     assert model.a.out_channels == 8
+
+
+class Literal(nn.Module):
+    """A hidden width of 16 that forward handles with sizes written as literals; ``width`` is what reaches ``b``."""
+
+    def __init__(self, how, width: int = 8):
+        super().__init__()
+        self.how = how
+        self.a, self.b = nn.Linear(8, 16), nn.Linear(width, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.how(self.a(x)))
+
+
+LITERALS = {  # the op, and the width it hands on
+    "split at sizes": (lambda h: torch.split(h, [8, 8], 1)[0], 8),
+    "tensor_split at indices": (lambda h: torch.tensor_split(h, [8], 1)[0], 8),
+    "narrow": (lambda h: h.narrow(1, 8, 8), 8),
+    "unflatten": (lambda h: h.unflatten(1, (4, 4)).flatten(1), 16),
+    "ones": (lambda h: h * torch.ones(16), 16),
+    "arange": (lambda h: h + torch.arange(16.0), 16),
+}
+REFUSALS = {
+    "split at sizes": "splits the pruned channels at literal sizes \\(\\[8, 8\\]\\)",
+    "tensor_split at indices": "splits the pruned channels at literal sizes",
+    "narrow": "picks channels by position with literal bounds, so the channels up to the end of the pick",
+    "unflatten": "writes the size of a pruned dim as a literal",
+    "ones": "a tensor made in forward .* has the channels' size written there",
+    "arange": "a tensor made in forward .* has the channels' size written there",
+}
+
+
+@pytest.mark.parametrize("case", list(LITERALS))
+def test_sizes_written_as_literals_are_refused_at_prepare(case) -> None:
+    model = Literal(*LITERALS[case])
+    with pytest.raises(lp.UnsupportedPatternError, match=REFUSALS[case]):
+        lp.SaliencyPruner(sparsity_level=0.5).prepare(model, [{"tensor_fqn": "a.weight"}],
+                                                      example_inputs=(torch.randn(3, 8),))
+    assert not any(name.startswith("_tensor_constant") for name in vars(model)), "tracing left attributes behind"
+
+
+PLACED = {
+    "narrow from the start": lambda h: h.narrow(1, 0, 8),
+    "narrow from the end": lambda h: h.narrow(1, -8, 8),
+    "slice between negative bounds": lambda h: h[:, -8:-4].repeat(1, 2),
+    "chunk": lambda h: h.chunk(2, 1)[0],
+    "tensor_split into parts": lambda h: torch.tensor_split(h, 2, 1)[1],
+}
+
+
+@pytest.mark.parametrize("case", list(PLACED))
+def test_picks_whose_channels_keep_their_places_prune_exactly(case) -> None:
+    model, x = Literal(PLACED[case]).eval(), torch.randn(3, 8)
+    pruner = lp.SaliencyPruner(sparsity_level=0.5)
+    pruner.prepare(model, [{"tensor_fqn": "a.weight"}], example_inputs=(x,))
+    step_and_prune_exactly(pruner, model, x)
+    assert model.a.out_features < 16

@@ -17,12 +17,13 @@ from __future__ import annotations
 import contextlib
 import inspect
 import linecache
+import logging
 import os
 import re
 import sys
 import traceback
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import fx, nn
@@ -42,6 +43,8 @@ class Traced:
     graph: fx.Graph
     shapes: bool
     front_end: str  # "fx" or "export"
+    #: tensors made in forward from literals (``torch.ones(16)``), which the graph reads as ``get_attr`` constants
+    constants: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class _Tracer(fx.Tracer):
@@ -92,6 +95,7 @@ def trace(model: nn.Module, example_inputs: tuple[tuple, dict] | None = None) ->
     Raises:
         UnsupportedPatternError: neither front end can read the model's forward.
     """
+    before = set(model.__dict__)
     try:
         graph = _Tracer().trace(model)
     except Exception as fx_error:  # fx raises many types; try export, then surface them as one clear config error
@@ -102,13 +106,18 @@ def trace(model: nn.Module, example_inputs: tuple[tuple, dict] | None = None) ->
                 "layers with lightning_prune.register_layer so they are treated as leaves."
             ) from fx_error
         return _export(model, example_inputs, fx_error)
-    if example_inputs is None:
-        return Traced(graph, shapes=False, front_end="fx")
+    constants = {name: model.__dict__[name] for name in set(model.__dict__) - before}
     try:
-        _propagate_shapes(model, graph, example_inputs)
-    except Exception as shape_error:  # noqa: BLE001 - any failure: let export try, which reports its own
-        return _export(model, example_inputs, shape_error)
-    return Traced(graph, shapes=True, front_end="fx")
+        if example_inputs is None:
+            return Traced(graph, shapes=False, front_end="fx", constants=constants)
+        try:
+            _propagate_shapes(model, graph, example_inputs)
+        except Exception as shape_error:  # noqa: BLE001 - any failure: let export try, which reports its own
+            return _export(model, example_inputs, shape_error)
+        return Traced(graph, shapes=True, front_end="fx", constants=constants)
+    finally:  # fx keeps the tensors forward makes from literals as attributes of the model: not the user's
+        for name in constants:
+            delattr(model, name)
 
 
 # -- shapes on the fx graph ---------------------------------------------------------------------------------------
@@ -152,8 +161,8 @@ def _propagate_shapes(model: nn.Module, graph: fx.Graph, example_inputs: tuple[t
 
         mode = FakeTensorMode(allow_non_fake_inputs=True)
         fake = tree_map(lambda t: mode.from_tensor(t) if isinstance(t, torch.Tensor) else t, flat)
-        with mode, eval_mode(model), torch.no_grad():
-            run(*fake)
+        with mode, eval_mode(model), torch.no_grad(), _quiet():
+            run(*fake)  # a forward that fails here is reported once, by the caller, not logged op by op
 
 
 def _placeholder_values(model: nn.Module, graph: fx.Graph, example_inputs: tuple[tuple, dict]) -> list:
@@ -184,16 +193,24 @@ def _export(model: nn.Module, example_inputs: tuple[tuple, dict], fx_error: Base
             f"cannot read {type(model).__name__}.forward: torch.fx failed ({type(fx_error).__name__}: {fx_error}) and "
             f"torch.export failed ({type(export_error).__name__}: {export_error})"
         ) from export_error
-    return Traced(_collapse(model, program), shapes=True, front_end="export")
+    lifted = getattr(program.graph_signature, "inputs_to_lifted_tensor_constants", {}).values()
+    constants = {target: program.constants[target] for target in lifted if target in program.constants}
+    return Traced(_collapse(model, program), shapes=True, front_end="export", constants=constants)
 
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
+    """No warnings, and no op-by-op error log from fake tensors: a forward that fails is reported once, by us."""
     import warnings
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+    logger = logging.getLogger("torch._subclasses.fake_tensor")
+    disabled, logger.disabled = logger.disabled, True
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.disabled = disabled
 
 
 def _collapse(model: nn.Module, program) -> fx.Graph:

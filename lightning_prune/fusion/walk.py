@@ -136,6 +136,12 @@ def walk(model: nn.Module, traced: Traced) -> Walk:
         visit = Visit(state, node, modules)
         if node.op == "placeholder":
             state.values[node.name] = None
+        elif node.op == "get_attr" and node.target in traced.constants:
+            ref = TensorRef(traced.constants[node.target], node.target)
+            state.values[node.name] = ref
+            state.frozen[id(ref.tensor)] = (f"a tensor made in forward{_at(node)} has the channels' size written "
+                                            "there, so it cannot follow the narrower layer (a buffer registered "
+                                            "in __init__ can)")
         elif node.op == "get_attr":
             state.values[node.name] = _attr(model, node.target)
         elif node.op == "output":
@@ -172,6 +178,11 @@ def _note_lost(state: Walk, node: fx.Node, visit: Visit, blocked: bool) -> None:
         state.lost[node.name] = lost[0]
     elif blocked:
         state.lost[node.name] = visit.where
+
+
+def _at(node: fx.Node) -> str:
+    source = node.meta.get("source")
+    return f" ({source})" if source else ""
 
 
 def _attr(model: nn.Module, target: str) -> Any:

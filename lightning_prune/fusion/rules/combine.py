@@ -88,8 +88,9 @@ class CombineRule(Rule):
             v.block(flow, f"{v.where} combines the channels with a parameter along several dims")
             return
         v.bind(tensor, along[0], flow.labels.reshape(-1))
-        if self.additive and along[0] == 0:  # per channel along dim 0 (a bias of shape (C,) or (C, 1, 1))
-            owner, _fqn, name = v.state.holders[id(tensor)][0]
+        holders = v.state.holders.get(id(tensor))  # none: a constant made in forward (frozen, so refused)
+        if self.additive and along[0] == 0 and holders:  # per channel along dim 0 (a bias of shape (C,), (C, 1, 1))
+            owner, _fqn, name = holders[0]
             v.silence(owner, name, flow.labels.reshape(-1))
         v.set(out)
 

@@ -19,9 +19,10 @@ from lightning_prune.fusion.rules.base import Rule, RuleKind, tie_axis
 from lightning_prune.fusion.rules.registry import aten, register_functions
 
 
-def pick(v, flow: Layout, axis_index: int, index) -> torch.Tensor | None:
+def pick(v, flow: Layout, axis_index: int, index, strict: bool = False) -> torch.Tensor | None:
     """The labels after taking ``index`` (an int or a slice) along label axis ``axis_index`` (kept as a size-1 axis
-    for an int), recording what keeps the picked channels in place; None (and the channels blocked) if it cannot."""
+    for an int), recording what keeps the picked channels in place; None (and the channels blocked) if it cannot.
+    ``strict``: the slice's stop must stay in range (``narrow``'s length), where Python slicing would clamp it."""
     axis = flow.axes[axis_index]
     size = flow.labels.shape[axis_index]
     if isinstance(index, slice):
@@ -41,13 +42,19 @@ def pick(v, flow: Layout, axis_index: int, index) -> torch.Tensor | None:
     if flow.labels.dim() > 1:  # several channel dims: positions along this one must never disappear
         tie_axis(v, flow.labels, axis_index)
         return picked
-    from_end = (isinstance(index, int) and index < 0) or (isinstance(index, slice) and index.stop is None
-                                                         and (index.start or 0) < 0)
-    held = flow.labels[positions[0]:] if from_end else flow.labels[: positions[-1] + 1]
-    if isinstance(index, slice) and not from_end and stop >= size:
-        held = flow.labels[: positions[0]]
-    v.block(held, f"{v.where} picks channels by position with literal bounds, so the channels before the pick "
-                  "keep their places")
+    # the channels that keep their places: those before the pick (bounds counted from the start), those from it
+    # on (counted from the end), or all of them (one bound from each end)
+    first, last = (index, index) if isinstance(index, int) else (index.start or 0, index.stop)
+    if first < 0 and (last is None or last < 0 or isinstance(index, int)):
+        held, side = flow.labels[positions[0]:], "from the pick on"
+    elif first >= 0 and (last is None or (last >= size and not strict)):
+        held, side = flow.labels[: positions[0]], "before the pick"
+    elif first >= 0 and last >= 0:
+        held, side = flow.labels[: positions[-1] + 1], "up to the end of the pick"
+    else:
+        held, side = flow.labels, "on both sides"
+    v.block(held, f"{v.where} picks channels by position with literal bounds, so the channels {side} keep their "
+                  "places")
     return picked
 
 
@@ -175,7 +182,8 @@ class SliceRule(Rule):
             index = v.arg(2, "index")
         elif self.how == "narrow":
             start, length = v.arg(2, "start"), v.arg(3, "length")
-            index = slice(start, start + length) if isinstance(start, int) and isinstance(length, int) else None
+            index = slice(start, (start + length) or None) if isinstance(start, int) and isinstance(length, int) \
+                else None
         else:
             start, end, step = v.arg(2, "start"), v.arg(3, "end"), v.arg(4, "step", 1)
             index = slice(start, end if end is None or end < 2**62 else None, step)
@@ -188,7 +196,7 @@ class SliceRule(Rule):
             index = slice(None)
         labels = front.labels
         if dim in front.axes:
-            labels = pick(v, front, front.axes.index(dim), index)
+            labels = pick(v, front, front.axes.index(dim), index, strict=self.how == "narrow")
             if labels is None:
                 return
         mapping = {d: (None if self.how == "select" and d == dim else (d - 1 if self.how == "select" and d > dim
@@ -322,10 +330,9 @@ class SplitRule(Rule):
         if len(set(sizes)) != 1:
             v.block(flow, f"{v.where} splits the pruned channels into unequal parts")
             return
-        size_arg = v.arg(1, "split_size_or_sections") if self.how == "split" else None
-        if self.how == "split" and v.state.traced.front_end == "fx" and isinstance(size_arg, int):
-            v.block(flow, f"{v.where} splits the pruned channels by a literal size ({size_arg}), which would not "
-                          "follow the narrower layer; use chunk() or compute it from x.shape")
+        if v.state.traced.front_end == "fx" and self._literal(v.arg(1)):
+            v.block(flow, f"{v.where} splits the pruned channels at literal sizes ({v.arg(1)}), which would not "
+                          "follow the narrower layer; use chunk() or compute them from x.shape")
             return
         parts = front.labels.split(sizes[0], k)
         for part in parts[1:]:
@@ -335,6 +342,14 @@ class SplitRule(Rule):
             v.set(tuple(rebuild(front, p, mapping, ndim - 1) for p in parts))
         else:
             v.set(tuple(Layout(front.axes, p, ndim, False, front.stable) for p in parts))
+
+    def _literal(self, sizes) -> bool:
+        """Whether the split sizes (``split``) or indices (``tensor_split``) are written as literals; a count of
+        parts (``chunk``, ``tensor_split``'s int) follows the narrower layer."""
+        if self.how == "split":
+            return isinstance(sizes, int) or (isinstance(sizes, (list, tuple))
+                                              and any(isinstance(s, int) for s in sizes))
+        return self.how == "tensor_split" and isinstance(sizes, (list, tuple))
 
 
 class IndexSelectRule(Rule):
@@ -362,5 +377,5 @@ register_functions([torch.stack, aten("stack")], StackRule())
 register_functions([torch.split, "split", aten("split"), aten("split_with_sizes")], SplitRule("split"))
 register_functions([torch.chunk, "chunk", aten("chunk")], SplitRule("chunk"))
 register_functions([torch.unbind, "unbind", aten("unbind")], SplitRule("unbind"))
-register_functions([torch.tensor_split, "tensor_split", aten("tensor_split")], SplitRule("split"))
+register_functions([torch.tensor_split, "tensor_split", aten("tensor_split")], SplitRule("tensor_split"))
 register_functions([torch.index_select, "index_select", aten("index_select")], IndexSelectRule())

@@ -341,8 +341,9 @@ class FunctionalLayerRule(LayerRule):
 
         weight_ref, bias_ref = v.value(v.arg(1, "weight")), v.value(v.arg(2, "bias"))
         groups = v.arg(6, "groups", 1) if self.conv_dims else 1
-        if not isinstance(weight_ref, TensorRef) or groups != 1 or (bias_ref is not None
-                                                                   and not isinstance(bias_ref, TensorRef)):
+        held = v.state.holders
+        if (not isinstance(weight_ref, TensorRef) or id(weight_ref.tensor) not in held or groups != 1
+                or (bias_ref is not None and not (isinstance(bias_ref, TensorRef) and id(bias_ref.tensor) in held))):
             v.block_inputs("computes its weight at run time (or is grouped), which fusion cannot narrow")
             return
         owner, _fqn, name = v.state.holders[id(weight_ref.tensor)][0]

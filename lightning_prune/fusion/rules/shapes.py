@@ -40,9 +40,10 @@ class ReshapeRule(Rule):
 
     kind = RuleKind.LAYOUT
 
-    def __init__(self, sizes_from: int | None = None, flatten: bool = False):
+    def __init__(self, sizes_from: int | None = None, flatten: bool = False, unflatten: bool = False):
         self.sizes_from = sizes_from
         self.flatten = flatten
+        self.unflatten = unflatten
 
     def visit(self, v) -> None:
         flow = input_layout(v)
@@ -62,7 +63,7 @@ class ReshapeRule(Rule):
             return
         if result is None:
             return
-        sizes = sequence_arg(v, self.sizes_from, "shape") if self.sizes_from is not None else None
+        sizes = self._sizes(v, len(old), len(new))
         if sizes is not None and v.state.traced.front_end == "fx" and len(sizes) == len(new):
             literal = [k for k, a in enumerate(result.axes) if _literal(sizes[a])]
             if len(literal) == len(result.axes):
@@ -73,6 +74,21 @@ class ReshapeRule(Rule):
             for k in literal:  # another channel dim takes up the change (a channel shuffle's groups)
                 tie_axis(v, result.labels, k)
         v.set(result)
+
+    def _sizes(self, v, old_ndim: int, new_ndim: int) -> list | None:
+        """The size argument written for each output dim (None where the op derives it), to find literals."""
+        if self.sizes_from is not None:
+            return sequence_arg(v, self.sizes_from, "shape")
+        if not self.unflatten:
+            return None
+        if v.module is not None:
+            dim, given = v.module.dim, v.module.unflattened_size
+        else:
+            dim, given = v.arg(1, "dim"), v.arg(2, "sizes")
+        if not isinstance(dim, int) or not isinstance(given, (tuple, list, torch.Size)):
+            return None
+        dim %= old_ndim
+        return [None] * dim + list(given) + [None] * (new_ndim - dim - len(given))
 
     def _without_shapes(self, v, flow: Layout) -> None:
         if self.flatten:
@@ -209,9 +225,9 @@ class FlattenModuleRule(ReshapeRule):
 register_functions([torch.reshape, "reshape", "view", aten("view"), aten("reshape"), aten("_unsafe_view")],
                    ReshapeRule(sizes_from=1))
 register_functions([torch.flatten, "flatten", aten("flatten")], ReshapeRule(flatten=True))
-register_functions([torch.unflatten, "unflatten", aten("unflatten"), torch.squeeze, "squeeze", aten("squeeze"),
-                    torch.unsqueeze, "unsqueeze", aten("unsqueeze"), "view_as", "reshape_as", aten("view_as")],
-                   ReshapeRule())
+register_functions([torch.unflatten, "unflatten", aten("unflatten")], ReshapeRule(unflatten=True))
+register_functions([torch.squeeze, "squeeze", aten("squeeze"), torch.unsqueeze, "unsqueeze", aten("unsqueeze"),
+                    "view_as", "reshape_as", aten("view_as")], ReshapeRule())
 register_functions([torch.broadcast_to, "expand", "expand_as", "broadcast_to", aten("expand"),
                     aten("expand_as"), aten("broadcast_to")], ExpandRule())
 register_functions([torch.permute, "permute", aten("permute")], PermuteRule("permute"))
@@ -220,4 +236,4 @@ register_functions([torch.transpose, torch.swapaxes, torch.swapdims, "transpose"
 register_functions([torch.t, "t", aten("t"), "mT", aten("numpy_T")], PermuteRule("t"))
 register_functions([torch.movedim, torch.moveaxis, "movedim", "moveaxis", aten("movedim")], PermuteRule("movedim"))
 register_layer(torch.nn.Flatten, FlattenModuleRule())
-register_layer(torch.nn.Unflatten, ReshapeRule())
+register_layer(torch.nn.Unflatten, ReshapeRule(unflatten=True))
