@@ -236,3 +236,16 @@ def test_picks_whose_channels_keep_their_places_prune_exactly(case) -> None:
     pruner.prepare(model, [{"tensor_fqn": "a.weight"}], example_inputs=(x,))
     step_and_prune_exactly(pruner, model, x)
     assert model.a.out_features < 16
+
+
+@pytest.mark.parametrize("prune_bias", [False, True])
+def test_power_average_pooling_of_a_removed_channels_constant_stays_exact(prune_bias) -> None:
+    """LPPool scales a constant by the window size, so a removed channel's BatchNorm shift cannot be folded as is."""
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.LPPool2d(2, 2), nn.Conv2d(16, 4, 1))
+    randomize_norms(model)
+    model.eval()
+    x = torch.randn(2, 3, 10, 10)
+    pruner = lp.SaliencyPruner(sparsity_level=0.5, prune_bias=prune_bias)
+    pruner.prepare(model, [{"tensor_fqn": "0.weight"}], example_inputs=(x,))
+    step_and_prune_exactly(pruner, model, x)
+    assert model[0].out_channels == (16 if not prune_bias else 8)

@@ -32,10 +32,13 @@ class ApplyRule(ElementwiseRule):
 
 
 class PoolRule(ElementwiseRule):
-    """Pooling over the dims after the channels; zero-padded average pooling turns a constant position-dependent."""
+    """Pooling over the dims after the channels; zero-padded average pooling turns a constant position-dependent, and
+    power-average pooling (LPPool) scales it by the window size, so a removed channel's constant is kept instead."""
 
     def dependent(self, v, out):
         module = v.module
+        if isinstance(module, _LP_POOLS):
+            return out != 0
         if module is not None:
             if not isinstance(module, (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)):
                 return False
@@ -95,8 +98,10 @@ _IDENTITIES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d
 _POOLS = {
     nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3, nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3,
     nn.AdaptiveAvgPool1d: 1, nn.AdaptiveAvgPool2d: 2, nn.AdaptiveAvgPool3d: 3,
-    nn.AdaptiveMaxPool1d: 1, nn.AdaptiveMaxPool2d: 2, nn.AdaptiveMaxPool3d: 3, nn.LPPool1d: 1, nn.LPPool2d: 2,
+    nn.AdaptiveMaxPool1d: 1, nn.AdaptiveMaxPool2d: 2, nn.AdaptiveMaxPool3d: 3,
 }
+_LP_POOLS = tuple(getattr(nn, f"LPPool{d}d") for d in (1, 2, 3) if hasattr(nn, f"LPPool{d}d"))
+_POOLS.update({cls: int(cls.__name__[-2]) for cls in _LP_POOLS})
 _POOL_FUNCTIONS = {
     1: ("max_pool1d", "avg_pool1d", "adaptive_avg_pool1d", "adaptive_max_pool1d"),
     2: ("max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "adaptive_max_pool2d", "max_pool2d_with_indices"),
