@@ -4,6 +4,9 @@ layer's forward, and sizes written as literals."""
 
 from __future__ import annotations
 
+import re
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -249,3 +252,57 @@ def test_power_average_pooling_of_a_removed_channels_constant_stays_exact(prune_
     pruner.prepare(model, [{"tensor_fqn": "0.weight"}], example_inputs=(x,))
     step_and_prune_exactly(pruner, model, x)
     assert model[0].out_channels == (16 if not prune_bias else 8)
+
+
+class LSTMWithState(nn.Module):
+    """The tutorial LSTM: an initial state of zeros sized from an attribute that fusion cannot narrow."""
+
+    def __init__(self, initial_state: bool):
+        super().__init__()
+        self.initial_state, self.hidden_size = initial_state, 16
+        self.lstm, self.fc = nn.LSTM(8, 16, batch_first=True), nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.initial_state:
+            h0 = torch.zeros(1, x.size(0), self.hidden_size)
+            out, _ = self.lstm(x, (h0, torch.zeros_like(h0)))
+        else:
+            out, _ = self.lstm(x)
+        return self.fc(out[:, -1])
+
+
+@pytest.mark.parametrize("initial_state", [False, True])
+def test_an_lstm_given_an_initial_state_keeps_its_units_and_says_so_at_prepare(initial_state) -> None:
+    model, x = LSTMWithState(initial_state).eval(), torch.randn(2, 5, 8)
+    pruner = lp.LSTMSaliencyPruner(sparsity_level=0.5, tie_gates=True)
+    config = [{"tensor_fqn": "lstm.weight_ih_l0"}, {"tensor_fqn": "lstm.weight_hh_l0"}]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pruner.prepare(model, config)
+    said = [str(w.message) for w in caught if "will keep its channels" in str(w.message)]
+    assert bool(said) == initial_state
+    assert all("is given an initial state (h_0, c_0)" in s for s in said)
+    step_and_prune_exactly(pruner, model, x)
+    assert model.lstm.hidden_size == (16 if initial_state else 8)
+
+
+def test_untied_lstm_gates_are_warned_about_at_prepare() -> None:
+    model = LSTMWithState(False)
+    with pytest.warns(UserWarning, match=r"tie_gates=False\) prunes each gate of \['lstm'\].*tie_gates=True"):
+        lp.LSTMSaliencyPruner(sparsity_level=0.5).prepare(model, [{"tensor_fqn": "lstm.weight_ih_l0"}])
+
+
+@pytest.mark.parametrize(("make", "named"), [
+    (lambda: lp.LSTMSaliencyPruner(tie_gates="yes"), "tie_gates must be True or False, got 'yes'"),
+    (lambda: lp.SaliencyPruner(prune_bias="false"), "prune_bias must be True or False, got 'false'"),
+])
+def test_flags_that_are_not_bools_are_refused_at_construction(make, named) -> None:
+    with pytest.raises(lp.PruningConfigError, match=re.escape(named)):
+        make()
+
+
+def test_a_config_entry_whose_prune_bias_is_not_a_bool_is_refused_at_prepare() -> None:
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    with pytest.raises(lp.PruningConfigError, match="tensor '0.weight': prune_bias must be True or False, got 0"):
+        lp.SaliencyPruner().prepare(model, [{"tensor_fqn": "0.weight", "prune_bias": 0}])
+    assert not any(hasattr(m, "parametrizations") for m in model.modules())

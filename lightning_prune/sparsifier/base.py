@@ -9,6 +9,7 @@ from __future__ import annotations
 import abc
 import copy
 import difflib
+import warnings
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -25,7 +26,7 @@ from lightning_prune.masks import has_masks
 from lightning_prune.sparsifier.config import (
     DEFAULTS,
     RESERVED,
-    check_sparsity,
+    check_group,
     config_fqns,
     fqn_filter,
     resolve_tensor,
@@ -55,7 +56,7 @@ class BaseStructuredSparsifier(abc.ABC):
             raise PruningConfigError(f"defaults must be a dict or None, got {type(defaults).__name__}")
         self.defaults = {**DEFAULTS, **(defaults or {}), **kwargs}
         self._check_keys(self.defaults, type(self).__name__)
-        check_sparsity(self.defaults["sparsity_level"], type(self).__name__)
+        check_group(self.defaults, type(self).__name__)
         #: fusion rules for this pruner only (module types or functions -> rules), on top of the registered ones
         self.rules = dict(rules or {})
         self.groups: list[dict[str, Any]] = []
@@ -133,7 +134,10 @@ class BaseStructuredSparsifier(abc.ABC):
                 groups = [{**self.defaults, "module": m.module, "module_fqn": m.module_fqn,
                            "tensor_name": m.tensor_name, "tensor_fqn": m.tensor_fqn} for m in plan.members]
             self.check_plan(plan, groups)
-            masks = attach_masks(plan, {g["tensor_fqn"]: bool(g["prune_bias"]) for g in groups})
+            for fqn, why in plan.retained.items():
+                warnings.warn(f"'{fqn}' will keep its channels (zeroed where masked) to stay exact: {why}",
+                              UserWarning, stacklevel=2)
+            masks = attach_masks(plan, {g["tensor_fqn"]: g["prune_bias"] for g in groups})
         self.groups = groups
         self.state = {fqn: {"mask": parametrization.mask} for fqn, parametrization in masks.items()}
         self.model, self.plan, self.pruned = model, plan, False
@@ -159,7 +163,7 @@ class BaseStructuredSparsifier(abc.ABC):
             module, module_fqn, tensor_name = resolve_tensor(model, fqn)
             self._check_keys(entry, f"config entry for '{fqn}'")
             group = {**self.defaults, **{k: v for k, v in entry.items() if k not in RESERVED}}
-            check_sparsity(group["sparsity_level"], f"tensor '{fqn}'")
+            check_group(group, f"tensor '{fqn}'")
             groups.append({**group, "module": module, "module_fqn": module_fqn, "tensor_name": tensor_name,
                            "tensor_fqn": fqn})
         return groups

@@ -28,6 +28,14 @@ def check_sparsity(value: Any, where: str) -> None:
         raise PruningConfigError(f"{where}: sparsity_level must be a number in [0, 1), got {value!r}")
 
 
+def check_group(group: dict[str, Any], where: str) -> None:
+    """Raise unless the group's built-in hyper-parameters are valid: ``sparsity_level`` in [0, 1), ``prune_bias`` a
+    bool (a string such as "false" would otherwise read as True)."""
+    check_sparsity(group["sparsity_level"], where)
+    if not isinstance(group["prune_bias"], bool):
+        raise PruningConfigError(f"{where}: prune_bias must be True or False, got {group['prune_bias']!r}")
+
+
 def config_fqns(config: Any) -> list[str]:
     """The tensor FQNs of a config (``[{"tensor_fqn": ...}, ...]``), checked for shape and duplicates.
 

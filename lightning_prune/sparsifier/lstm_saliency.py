@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
 from torch import nn
 
 from lightning_prune.errors import PruningConfigError
+from lightning_prune.fusion.plan import PruningPlan
 from lightning_prune.sparsifier.saliency import SaliencyPruner
 
 
@@ -21,11 +23,21 @@ class LSTMSaliencyPruner(SaliencyPruner):
     """
 
     def __init__(self, defaults: dict[str, Any] | None = None, tie_gates: bool = False, **kwargs: Any):
+        if not isinstance(tie_gates, bool):
+            raise PruningConfigError(f"LSTMSaliencyPruner: tie_gates must be True or False, got {tie_gates!r}")
         if kwargs.get("target") is not None and not tie_gates:
             raise PruningConfigError("LSTMSaliencyPruner: a target (budget) needs tie_gates=True, so whole hidden "
                                      "units are removed and their cost is known")
         super().__init__(defaults, **kwargs)
-        self.tie_gates = bool(tie_gates)
+        self.tie_gates = tie_gates
+
+    def check_plan(self, plan: PruningPlan, groups: list[dict[str, Any]]) -> None:
+        super().check_plan(plan, groups)
+        lstms = sorted({m.module_fqn for m in plan.members if isinstance(m.module, nn.LSTM)})
+        if lstms and not self.tie_gates:
+            warnings.warn(f"LSTMSaliencyPruner(tie_gates=False) prunes each gate of {lstms} on its own, as torch.ao "
+                          "does; nn.LSTM has one hidden size, so prune() can only approximate the masked model. Pass "
+                          "tie_gates=True for an exact result.", UserWarning, stacklevel=3)
 
     def update_masks(self) -> None:
         if self.tie_gates:

@@ -246,6 +246,9 @@ class LSTMRule(LayerRule):
                                       "proj_size are supported)")
             v.block(flow, f"{v.where} is bidirectional or projected")
             return
+        if v.arg(1, "hx") is not None:  # often zeros sized from hidden_size in forward, which would not follow
+            v.block(torch.cat(units), f"{v.where} is given an initial state (h_0, c_0), whose units fusion does not "
+                                      "narrow; without one nn.LSTM starts from zeros")
         if flow is not None:
             self.consume(v, module, flow, -1)
         else:
