@@ -306,3 +306,40 @@ def test_a_config_entry_whose_prune_bias_is_not_a_bool_is_refused_at_prepare() -
     with pytest.raises(lp.PruningConfigError, match="tensor '0.weight': prune_bias must be True or False, got 0"):
         lp.SaliencyPruner().prepare(model, [{"tensor_fqn": "0.weight", "prune_bias": 0}])
     assert not any(hasattr(m, "parametrizations") for m in model.modules())
+
+
+REPARAMETRIZED = {
+    "weight_norm": lambda layer: torch.nn.utils.parametrizations.weight_norm(layer),
+    "spectral_norm": lambda layer: torch.nn.utils.parametrizations.spectral_norm(layer),
+    "old weight_norm": lambda layer: torch.nn.utils.weight_norm(layer),
+    "old spectral_norm": lambda layer: torch.nn.utils.spectral_norm(layer),
+}
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+@pytest.mark.parametrize("kind", list(REPARAMETRIZED))
+@pytest.mark.parametrize("where", ["producer", "consumer"])
+def test_a_weight_computed_at_run_time_is_refused_at_prepare_naming_the_fix(kind, where) -> None:
+    """weight_norm and spectral_norm compute ``weight`` when it is read: there is no stored weight to narrow."""
+    first, second = nn.Linear(8, 16), nn.Linear(16, 4)
+    if where == "producer":
+        first = REPARAMETRIZED[kind](first)
+    else:
+        second = REPARAMETRIZED[kind](second)
+    model = nn.Sequential(first, nn.ReLU(), second)
+    with pytest.raises(lp.UnsupportedPatternError, match=r"computes \['weight'\] at run time .*remove_param"):
+        lp.SaliencyPruner().prepare(model, [{"tensor_fqn": "0.weight"}])
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+@pytest.mark.parametrize("kind", list(REPARAMETRIZED))
+def test_a_reparametrized_layer_is_left_as_it_is_while_the_others_prune(kind) -> None:
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
+                          REPARAMETRIZED[kind](nn.Linear(16, 4))).eval()
+    x = torch.randn(3, 8)
+    assert "0.weight" in str(lp.explain(model))
+    pruner = lp.SaliencyPruner(sparsity_level=0.5)
+    pruner.prepare(model, None, exclude_output=True)
+    assert [g["tensor_fqn"] for g in pruner.groups] == ["0.weight"]
+    step_and_prune_exactly(pruner, model, x)
+    assert model[0].out_features == 8 and model[2].in_features == 8 and model[4].in_features == 16

@@ -195,8 +195,10 @@ def _mutate(ctx: FuseContext, keeps, folds, lineage: list) -> None:
 def _unmask(module: nn.Module, surgery: Surgery, order: list[str] | None) -> dict[str, tuple[int, torch.Tensor]]:
     """Remove the module's masks (journaled), leaving its original tensors; returns, per tensor, the masked
     positions (dim, indices) that must become zeros."""
-    if not parametrize.is_parametrized(module):
-        return {}
+    if not parametrize.is_parametrized(module) or not any(
+            isinstance(p, (FakeStructuredSparsity, ChannelMask)) for plist in module.parametrizations.values()
+            for p in plist):
+        return {}  # no mask here (a weight_norm the analysis left alone stays as it is)
     masked: dict[str, tuple[int, torch.Tensor]] = {}
     originals = {}
     for name, plist in module.parametrizations.items():

@@ -54,7 +54,7 @@ def own_tensors(module: nn.Module) -> list[torch.Tensor]:
     found = [p for p in module._parameters.values() if p is not None]
     plists = getattr(module, "parametrizations", None)
     if plists is not None:
-        found += [plist.original for plist in plists.values()]
+        found += [p for plist in plists.values() for p in plist._parameters.values() if p is not None]
     return found
 
 

@@ -19,7 +19,7 @@ from lightning_prune.errors import OutputReachedError, UnsupportedPatternError
 from lightning_prune.fusion.dryrun import dry_run
 from lightning_prune.fusion.rules import registry
 from lightning_prune.fusion.trace import trace
-from lightning_prune.fusion.walk import Producer, Walk, held, walk
+from lightning_prune.fusion.walk import Producer, Walk, computed_tensors, held, walk
 
 
 @dataclass
@@ -296,6 +296,10 @@ def _never_produced(model: nn.Module, state: Walk, fqn: str) -> str:
     module_fqn, _, name = fqn.rpartition(".")
     module = model.get_submodule(module_fqn)
     called = any(node.op == "call_module" and node.target == module_fqn for node in state.traced.graph.nodes)
+    if computed_tensors(module):
+        return (f"'{fqn}' cannot be pruned: {type(module).__name__} '{module_fqn}' computes {computed_tensors(module)} "
+                "at run time (weight_norm, spectral_norm or another parametrization); remove it before pruning "
+                "(torch.nn.utils.parametrize.remove_parametrizations)")
     found = registry.active().registered(module)
     if not called and found is not None and registry.active().call_rule(module) is None:
         kind, base = type(module).__name__, found[0].__name__

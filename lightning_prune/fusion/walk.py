@@ -115,9 +115,21 @@ class Walk:
 
 def held(module: nn.Module, name: str) -> torch.Tensor | None:
     """``module.<name>`` as a plain parameter or buffer, or the original under a parametrization."""
-    if parametrize.is_parametrized(module, name):
-        return module.parametrizations[name].original
+    if parametrize.is_parametrized(module, name):  # one original (a mask); several (weight_norm's): none stored
+        return getattr(module.parametrizations[name], "original", None)
     return module._parameters.get(name, module._buffers.get(name))
+
+
+def computed_tensors(module: nn.Module) -> list[str]:
+    """The module's tensors computed when read rather than stored: a parametrization other than a pruning mask, or
+    a hook-set attribute (the old ``weight_norm`` / ``spectral_norm``)."""
+    from lightning_prune.masks import ChannelMask, FakeStructuredSparsity
+
+    names = [n for n, value in vars(module).items() if isinstance(value, torch.Tensor) and not n.startswith("_")]
+    if parametrize.is_parametrized(module):
+        names += [n for n, plist in module.parametrizations.items()
+                  if not all(isinstance(p, (FakeStructuredSparsity, ChannelMask)) for p in plist)]
+    return names
 
 
 def walk(model: nn.Module, traced: Traced) -> Walk:
@@ -153,7 +165,12 @@ def walk(model: nn.Module, traced: Traced) -> Walk:
             visit.rule = rule
             state.values[node.name] = None
             blocks = len(state.groups.blocks)
-            if rule is None:
+            computed = computed_tensors(visit.module) if visit.module is not None else []
+            if rule is not None and computed:
+                visit.block_inputs(f"computes {computed} at run time (weight_norm, spectral_norm or another "
+                                   "parametrization), which fusion cannot narrow; remove it before pruning "
+                                   "(torch.nn.utils.parametrize.remove_parametrizations)")
+            elif rule is None:
                 visit.unknown()
             else:
                 rule.visit(visit)
