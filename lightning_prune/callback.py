@@ -3,7 +3,8 @@
 A thin Lightning adapter. Its hooks hand off to torch-only parts: the :class:`SparsityScheduler` (how much to prune
 and when), :mod:`lightning_prune.optim` (optimizer state after a shrink), :mod:`lightning_prune.checkpoint`
 (everything about loading), :mod:`lightning_prune.inputs` (the example input) and :mod:`lightning_prune.verify`
-(masked vs pruned outputs). What stays here needs Lightning: strategies, DDP, logging and checkpoint files.
+(masked vs pruned outputs); :mod:`lightning_prune.setup_checks` holds what setup checks about the Trainer. What
+stays here needs Lightning: the hooks, DDP, logging and checkpoint files.
 """
 
 from __future__ import annotations
@@ -15,8 +16,6 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
-from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
@@ -29,15 +28,11 @@ from lightning_prune.measure import count_params
 from lightning_prune.optim import carry_optimizer_state
 from lightning_prune.schedule import SparsityScheduler
 from lightning_prune.selection import check_arguments, check_patterns_match, checked_config, checked_patterns
+from lightning_prune.setup_checks import example_input, refuse_unsupported
 from lightning_prune.sparsifier import BaseStructuredSparsifier, StatisticsPruner
 from lightning_prune.sparsifier.explain import explain
 from lightning_prune.sparsifier.statistics import mean_over_ranks
 from lightning_prune.verify import fusion_summary, snapshot, try_forward, verdict
-
-_SHARDED = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
-_SUPPORTED = "Supported: single-device strategies and strategy='ddp' (also 'ddp_find_unused_parameters_true')."
-_EXAMPLE_HINT = ("Set `self.example_input_array` in your LightningModule's __init__ to one input for forward(): a "
-                 "tensor, a tuple of positional arguments or a dict of keyword arguments (Lightning's convention).")
 
 
 class StructuredPruning(Callback):
@@ -76,7 +71,7 @@ class StructuredPruning(Callback):
     Raises:
         PruningConfigError: a bad argument (in ``__init__``), or at ``setup``: an unsupported strategy, a config that
             names the output without ``narrow_output``, a forward that cannot run on the example input, include
-            patterns that match no weight.
+            patterns that match no weight, a callback already set up for another module.
         UnsupportedPatternError: at ``setup``, a configured tensor whose channels cannot be removed exactly.
     """
 
@@ -118,19 +113,25 @@ class StructuredPruning(Callback):
         self._final_step: int | None = None
         self._fused_sparsity = 0.0
         self._observed_step = -1
+        self._module_id: int | None = None  # the LightningModule this callback masks (one per callback)
 
     # -- setup --------------------------------------------------------------------------------------------------
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._stage = stage
         if stage == "fit":
-            _refuse_unsupported(trainer)
+            refuse_unsupported(trainer)
         if self._hook is None:  # so that any checkpoint loads into the module, masked or fused (see checkpoint.py)
             self._hook = pl_module.register_load_state_dict_pre_hook(DetachingHook(self._before_load))
+        if self._module_id is not None and self._module_id != id(pl_module):
+            raise PruningConfigError(
+                f"this StructuredPruning was set up for another {type(pl_module).__name__}: its masks, schedule and "
+                "fusion belong to that module. Create a new StructuredPruning(...) for each model.")
         if stage != "fit" or self.fused or self.pruner.model is not None:
             return  # a second fit() continues with the same masks, or with the already narrowed model
-        self._example = _example_input(trainer, pl_module)
+        self._example = example_input(trainer, pl_module)
         self._prepare(pl_module)
+        self._module_id = id(pl_module)
         if isinstance(self.pruner, StatisticsPruner):
             self.pruner.sample_at_optimizer_steps()
             self.pruner.sync = mean_over_ranks if trainer.world_size > 1 else None
@@ -285,6 +286,16 @@ class StructuredPruning(Callback):
             for warning in stale_best_checkpoints(trainer.checkpoint_callbacks, target):
                 rank_zero_warn(f"StructuredPruning: {warning}")
 
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """A fit that never trained (``max_steps`` already reached, ``limit_train_batches=0``) calls no
+        ``on_train_end``: the masks as they are are fused here, so no fit leaves masks on the module."""
+        if self.fused or not self.prune_on_fit_end or not self.pruner.groups or self.pruner.model is not pl_module:
+            return
+        rank_zero_warn(f"StructuredPruning: training did not run in this fit (global step {trainer.global_step}), so "
+                       f"the masks as they are (sparsity {self.sparsity():.3f}) were fused without pruning further")
+        self.fuse(trainer, pl_module)
+
     def fuse(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Remove the masked channels in place, check the result, and report what changed.
 
@@ -356,49 +367,6 @@ class StructuredPruning(Callback):
         self._restored = self.scheduler.start is not None
         if state_dict.get("statistics") is not None and self.pruner.model is not None:
             self.pruner.load_state_dict({"statistics": state_dict["statistics"]})
-
-
-def _refuse_unsupported(trainer: pl.Trainer) -> None:
-    strategy = trainer.strategy
-    if isinstance(strategy, _SHARDED):
-        raise PruningConfigError(
-            f"StructuredPruning does not support {type(strategy).__name__}: it shards parameters, so masks and "
-            f"fusion cannot see whole weights. {_SUPPORTED}"
-        )
-    if isinstance(strategy.launcher, _MultiProcessingLauncher):
-        raise PruningConfigError(
-            f"StructuredPruning does not support {type(strategy).__name__} with processes started by "
-            "torch.multiprocessing (strategy='ddp_spawn', 'ddp_fork', 'ddp_notebook'): after fit Lightning copies "
-            "the workers' weights into the main process's module with a load that cannot change layer widths, so the "
-            f"pruned model cannot come back. {_SUPPORTED} In a notebook, train on one device or run a script."
-        )
-    if getattr(strategy, "_layer_sync", None) is not None:
-        raise PruningConfigError(
-            "StructuredPruning does not support Trainer(sync_batchnorm=True): Lightning swaps the BatchNorm "
-            "layers after setup, dropping their masks. Use sync_batchnorm=False (the default)."
-        )
-
-
-def _example_input(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
-    """The module's ``example_input_array``, else one from the first training batch; checked by running forward."""
-    name = type(pl_module).__name__
-    example, source = pl_module.example_input_array, f"{name}.example_input_array"
-    if example is None:
-        source = "the first training batch (batch[0] of a tuple batch)"
-        try:
-            batch = inputs.first_batch(trainer.fit_loop._data_source.dataloader())
-        except Exception as error:
-            raise PruningConfigError(f"StructuredPruning could not draw the first training batch at setup "
-                                     f"({type(error).__name__}: {error}). {_EXAMPLE_HINT}") from error
-        example = inputs.from_batch(batch)
-        if example is None:
-            raise PruningConfigError(f"StructuredPruning cannot tell {name}.forward's input in a training batch of "
-                                     f"type {type(batch).__name__}. {_EXAMPLE_HINT}")
-    example = inputs.detached(example)
-    _, error = try_forward(pl_module, inputs.to_device(example, pl_module.device), eval_mode=True)
-    if error:
-        raise PruningConfigError(f"{name}.forward cannot run on {source}: {error}. {_EXAMPLE_HINT}")
-    return example
 
 
 @rank_zero_only

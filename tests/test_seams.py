@@ -343,3 +343,39 @@ def test_a_reparametrized_layer_is_left_as_it_is_while_the_others_prune(kind) ->
     assert [g["tensor_fqn"] for g in pruner.groups] == ["0.weight"]
     step_and_prune_exactly(pruner, model, x)
     assert model[0].out_features == 8 and model[2].in_features == 8 and model[4].in_features == 16
+
+
+def masked(model: nn.Module) -> bool:
+    return any(hasattr(m, "parametrizations") for m in model.modules())
+
+
+def test_one_callback_given_a_second_model_refuses_at_setup(tmp_path) -> None:
+    callback = pruning()
+    first, second = TinyClassifier(), TinyClassifier()
+    trainer_for(tmp_path, [callback]).fit(first, loader())
+    assert first.net[0].out_features == HIDDEN // 2
+    with pytest.raises(lp.PruningConfigError, match="set up for another TinyClassifier.*new StructuredPruning"):
+        trainer_for(tmp_path, [callback]).fit(second, loader())
+    assert second.net[0].out_features == HIDDEN and not masked(second)
+
+
+@pytest.mark.parametrize("limit", [{"max_steps": 0}, {"limit_train_batches": 0}])
+def test_a_fit_that_never_trains_leaves_no_masks(tmp_path, limit) -> None:
+    model = TinyClassifier()
+    with pytest.warns(UserWarning, match=r"training did not run in this fit .*sparsity 0.000"):
+        trainer_for(tmp_path, [pruning()], **limit).fit(model, loader())
+    assert not masked(model) and model.net[0].out_features == HIDDEN
+
+
+def test_resuming_a_finished_masked_run_fuses_the_restored_masks(tmp_path) -> None:
+    """A checkpoint at max_steps: the fit restores the masks and stops at once; they are fused, not left on."""
+    model = TinyClassifier()
+    trainer = trainer_for(tmp_path, [pruning(prune_on_fit_end=False)], max_steps=4)
+    trainer.fit(model, loader())
+    assert masked(model)
+    path = tmp_path / "masked.ckpt"
+    trainer.save_checkpoint(path)
+    resumed = TinyClassifier()
+    with pytest.warns(UserWarning, match=r"training did not run .*sparsity 0.500"):
+        trainer_for(tmp_path, [pruning()], max_steps=4).fit(resumed, loader(), ckpt_path=path)
+    assert not masked(resumed) and resumed.net[0].out_features == HIDDEN // 2
