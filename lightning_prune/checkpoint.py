@@ -209,11 +209,17 @@ def _prepare_like(model: nn.Module, state_dict: Mapping[str, Any], config: list[
 
 
 def _refuse_widening(model: nn.Module, state_dict: Mapping[str, torch.Tensor], prefix: str, what: str) -> None:
+    """Raise, before anything changes, for a tensor wider than the model's or with another number of dims."""
     current = {prefix + key: value for key, value in model.state_dict().items()}
     for key, incoming in state_dict.items():
         have = current.get(key)
-        if have is None or have.dim() != incoming.dim():
+        if have is None or not isinstance(incoming, torch.Tensor):
             continue
+        if have.dim() != incoming.dim():
+            raise PruningConfigError(
+                f"{what} holds '{key}' with shape {tuple(incoming.shape)} where the model has "
+                f"{tuple(have.shape)}: a different number of dims, so it is not a checkpoint of this architecture "
+                "(pruning only narrows dims)")
         if any(new > old for new, old in zip(incoming.shape, have.shape, strict=True)):
             raise PruningConfigError(
                 f"{what} holds '{key}' with shape {tuple(incoming.shape)}, wider than the model's "

@@ -379,3 +379,15 @@ def test_resuming_a_finished_masked_run_fuses_the_restored_masks(tmp_path) -> No
     with pytest.warns(UserWarning, match=r"training did not run .*sparsity 0.500"):
         trainer_for(tmp_path, [pruning()], max_steps=4).fit(resumed, loader(), ckpt_path=path)
     assert not masked(resumed) and resumed.net[0].out_features == HIDDEN // 2
+
+
+def test_a_state_dict_of_another_architecture_is_refused_before_anything_changes() -> None:
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    other = nn.Sequential(nn.Conv1d(8, 16, 1), nn.ReLU(), nn.Linear(16, 4)).state_dict()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    wrong_dims = r"'0.weight' with shape \(16, 8, 1\) where the model has \(16, 8\)"
+    with pytest.raises(lp.PruningConfigError, match=wrong_dims):
+        lp.narrow_to_state_dict(model, other)
+    with pytest.raises(lp.PruningConfigError, match="not a checkpoint of this architecture"):
+        lp.load_pruned(model, other)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
