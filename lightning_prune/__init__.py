@@ -2,7 +2,12 @@
 
 from lightning_prune.callback import StructuredPruning
 from lightning_prune.checkpoint import load_pruned, narrow_to_state_dict
-from lightning_prune.errors import PrunerStateError, PruningConfigError, UnsupportedPatternError
+from lightning_prune.errors import (
+    OutputReachedError,
+    PrunerStateError,
+    PruningConfigError,
+    UnsupportedPatternError,
+)
 from lightning_prune.fusion.plan import PruningPlan
 from lightning_prune.fusion.rules import (
     BlockingRule,
@@ -44,6 +49,7 @@ __all__ = [
     "FakeStructuredSparsity",
     "LSTMSaliencyPruner",
     "LayerRule",
+    "OutputReachedError",
     "PrunerStateError",
     "PruningConfigError",
     "PruningPlan",

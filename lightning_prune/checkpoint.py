@@ -287,8 +287,14 @@ def load_pruned(model: nn.Module, checkpoint: str | os.PathLike | Mapping[str, A
     other objects.
 
     Raises:
-        PruningConfigError: the checkpoint stands for a model wider than ``model``, or its keys do not fit it.
+        PruningConfigError: ``model`` or ``checkpoint`` of the wrong type, the checkpoint stands for a model wider
+            than ``model``, or its keys do not fit it.
     """
+    if not isinstance(model, nn.Module):
+        raise PruningConfigError(f"load_pruned(model, checkpoint): model must be an nn.Module, got {model!r}")
+    if not isinstance(checkpoint, (str, os.PathLike, Mapping)):
+        raise PruningConfigError("load_pruned(model, checkpoint): checkpoint must be a path, a loaded checkpoint dict "
+                                 f"or a state dict, got {type(checkpoint).__name__}")
     if isinstance(checkpoint, (str, os.PathLike)):
         checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=weights_only)
     state_dict = dict(checkpoint.get("state_dict", checkpoint))

@@ -192,6 +192,11 @@ class SparsityScheduler:
         self.start = resolve_step("start_step", self.start_step, total_steps)
         if self.schedule in _RAMPS:
             end = resolve_step(self._end_label, self.end_step, total_steps)
+            if end < self.start:  # one bound in steps, the other a fraction of the run
+                raise PruningConfigError(
+                    f"{self._end_label.split(' ')[0]} resolves to step {end}, before start_step={self.start_step!r} "
+                    f"(step {self.start}) in this run of {total_steps:g} optimizer steps: give both bounds as "
+                    "fractions of the run, or both in steps")
             self.end = max(end, self.start + 1)  # a fraction of a very short run may round onto start
         else:
             self.end = None
@@ -200,6 +205,8 @@ class SparsityScheduler:
     def levels(self, step: int | None) -> dict[str, float]:
         """Each group's level at optimizer step ``step`` (None: its target), relative to its width now."""
         self._require_resolved()
+        if any(g["tensor_fqn"] not in self.targets for g in self.sparsifier.groups):
+            self.track()  # prepared after this scheduler was made, and never tracked: the levels now are the start
         levels = {}
         for group in self.sparsifier.groups:
             fqn = group["tensor_fqn"]

@@ -42,8 +42,9 @@ class BaseStructuredSparsifier(abc.ABC):
             ``SaliencyPruner(sparsity_level=0.5)``.
 
     Raises:
-        PruningConfigError: ``defaults`` is not a dict, ``sparsity_level`` is outside [0, 1), or a key is not in
-            :attr:`hyperparameters` (when the class declares them, as the built-in pruners do).
+        PruningConfigError: ``defaults`` is not a dict, ``sparsity_level`` is outside [0, 1), ``prune_bias`` is not
+            a bool, a key is not in :attr:`hyperparameters` (when the class declares them, as the built-in pruners
+            do), or ``rules`` is not a mapping of module types or functions to rules.
     """
 
     #: the group keys ``update_mask`` reads. ``None`` (the default, as in the seed) accepts any key; a pruner that
@@ -58,7 +59,8 @@ class BaseStructuredSparsifier(abc.ABC):
         self._check_keys(self.defaults, type(self).__name__)
         check_group(self.defaults, type(self).__name__)
         #: fusion rules for this pruner only (module types or functions -> rules), on top of the registered ones
-        self.rules = dict(rules or {})
+        with rules_scope(rules):  # checked now (each key a module type or function, each value a rule)
+            self.rules = dict(rules or {})
         self.groups: list[dict[str, Any]] = []
         self.state: dict[str, dict[str, Any]] = {}
         self.enable_mask_update = True

@@ -84,8 +84,15 @@ def resolve_tensor(model: nn.Module, fqn: str) -> tuple[nn.Module, str, str]:
     if not isinstance(tensor, torch.Tensor):
         raise PruningConfigError(f"tensor_fqn '{fqn}' is not a tensor but {type(tensor).__name__}")
     if tensor.dim() < 2:
+        before = None  # the last weight of 2+ dims before it: the layer whose channels a norm's weight follows
+        for name, param in model.named_parameters():
+            if name == fqn:
+                break
+            before = name if param.dim() >= 2 else before
+        example = before or next((n for n, p in model.named_parameters() if p.dim() >= 2), None)
         raise PruningConfigError(
-            f"tensor_fqn '{fqn}' is {tensor.dim()}-D; structured pruning removes rows of weights with 2 or more dims "
-            f"(for example '{module_fqn + '.weight' if module_fqn else 'weight'}')"
+            f"tensor_fqn '{fqn}' is {tensor.dim()}-D; structured pruning removes rows of weights with 2 or more dims, "
+            "and a per-channel tensor (a norm's weight, a bias) follows the layer that makes its channels"
+            + (f": configure that layer instead, e.g. '{example}'" if example else "")
         )
     return module, module_fqn, tensor_name

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from lightning_prune.errors import PruningConfigError
 from lightning_prune.fusion.layout import Layout
 
 if TYPE_CHECKING:
@@ -272,6 +273,9 @@ class ElementwiseRule(Rule):
     kind = RuleKind.ELEMENTWISE
 
     def __init__(self, fn=None, spatial_dims: int = 0):
+        if fn is not None and not callable(fn):
+            raise PruningConfigError(f"ElementwiseRule(fn): fn must be None or a function (module, values) -> "
+                                     f"values, got {fn!r}")
         self.fn = fn
         self.spatial_dims = spatial_dims
 

@@ -28,7 +28,7 @@ def pick(v, flow: Layout, axis_index: int, index, strict: bool = False) -> torch
     if isinstance(index, slice):
         start, stop, step = index.indices(size)
         if step != 1:
-            v.block(flow, f"{v.where} takes every {step}th channel; a narrower layer would shift the pattern")
+            v.block(flow, f"{v.where} takes one channel in every {step}; a narrower layer would shift the pattern")
             return None
         positions = torch.arange(start, stop)
     elif isinstance(index, int):

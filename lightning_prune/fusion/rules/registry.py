@@ -157,7 +157,8 @@ def register_layer(layer_type: type[nn.Module], rule: Rule | type[nn.Module]) ->
         rule = found[1]
     if not isinstance(rule, Rule):
         raise PruningConfigError(
-            f"register_layer expects a Rule (LayerRule, ChannelwiseRule, ElementwiseRule, ...), got {rule!r}"
+            f"register_layer expects a Rule (LayerRule, ChannelwiseRule, ElementwiseRule, ...) or a layer type that "
+            f"has one, got {rule!r}"
         )
     active().modules[layer_type] = rule
 
@@ -200,6 +201,9 @@ def rules_scope(rules: Mapping[Any, Rule] | None = None) -> Iterator[Registry]:
     >>> with rules_scope({MyLayer: MyRule()}):
     ...     pruner.prepare(model, config)
     """
+    if rules is not None and not isinstance(rules, Mapping):
+        raise PruningConfigError(f"rules must be a mapping of module types or functions to rules, got "
+                                 f"{type(rules).__name__}: {rules!r}")
     scope = Registry(parent=active())
     token = _ACTIVE.set(scope)
     try:
