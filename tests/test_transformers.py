@@ -266,3 +266,21 @@ def test_the_transformer_example_prunes_heads_exactly_and_reloads(capsys):
     printed = capsys.readouterr().out
     assert "group-of-32/16" in printed and "query heads per layer 4 -> 2" in printed
     assert "max |masked - pruned| 0.00e+00" in printed and "same logits = True" in printed
+
+
+@pytest.mark.parametrize("build", [tm.gpt2, tm.llama], ids=["gpt2", "llama"])
+def test_decoders_with_their_default_cache_are_read_without_it_and_run_with_it_after(build):
+    """``use_cache=True`` (the configs' default) makes forward return a cache object export cannot return: the
+    analysis reads the forward without one, and the pruned model still fills and uses a cache."""
+    model, (ids,) = build()
+    assert model.config.use_cache
+    pruner = SaliencyPruner(sparsity_level=0.5)
+    pruner.prepare(model, None, example_inputs=(ids,), exclude_output=True)
+    pruner.step()
+    with torch.no_grad():
+        masked = model(ids).last_hidden_state
+    pruner.prune()
+    with torch.no_grad():
+        first = model(ids[:, :-1], use_cache=True)
+        last = model(ids[:, -1:], past_key_values=first.past_key_values, use_cache=True).last_hidden_state
+    assert_outputs_match(masked[:, -1:], last, rtol=1e-4)

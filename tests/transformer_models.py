@@ -27,7 +27,7 @@ def bert(**kwargs):
 
 
 def gpt2():
-    config = GPT2Config(vocab_size=50, n_embd=32, n_layer=2, n_head=4, n_positions=16, use_cache=False,
+    config = GPT2Config(vocab_size=50, n_embd=32, n_layer=2, n_head=4, n_positions=16,
                         bos_token_id=0, eos_token_id=0)
     return GPT2Model(config).eval(), (torch.randint(0, 50, (2, 8)),)
 
@@ -35,7 +35,7 @@ def gpt2():
 def llama(**kwargs):
     """Grouped-query attention: 4 query heads share 2 key/value heads; SwiGLU MLP; rotary embeddings."""
     config = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16, use_cache=False,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16,
                          **kwargs)
     return LlamaModel(config).eval(), (torch.randint(0, 50, (2, 8)),)
 

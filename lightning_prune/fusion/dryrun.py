@@ -56,8 +56,7 @@ def _bisect(plan, example_inputs, groups: list, failures: list) -> None:
 def _attempt(plan, example_inputs, removed: list[int]) -> str | None:
     """Remove ``removed`` (class roots) from a meta copy and export it; the reason it fails, or None."""
     from lightning_prune.fusion.apply import FuseContext, _keep_one_each, _keeps
-    from lightning_prune.fusion.trace import _quiet, user_frame
-    from lightning_prune.measure import eval_mode
+    from lightning_prune.fusion.trace import export, user_frame
 
     root = plan.groups.solve()
     kept = torch.ones(plan.groups.size, dtype=torch.bool)
@@ -67,8 +66,8 @@ def _attempt(plan, example_inputs, removed: list[int]) -> str | None:
     model, changed = _narrowed_copy(plan, ctx, _keeps(plan, root, ctx.kept))
     args, kwargs = tree_map(lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t, example_inputs)
     try:
-        with eval_mode(model), torch.no_grad(), _quiet(), torch.device("meta"):  # tensors made in forward: meta too
-            program = torch.export.export(model, tuple(args), dict(kwargs), strict=False)
+        with torch.device("meta"):  # tensors made in forward: meta too
+            program = export(model, args, kwargs)
     except Exception as error:  # noqa: BLE001 - any failure of the narrowed model is the answer
         frame = user_frame(traceback.extract_tb(error.__traceback__))
         where = f" at {frame}" if frame else ""

@@ -183,11 +183,20 @@ def _placeholder_values(model: nn.Module, graph: fx.Graph, example_inputs: tuple
 
 
 # -- export -------------------------------------------------------------------------------------------------------
+def export(model: nn.Module, args: tuple, kwargs: dict) -> torch.export.ExportedProgram:
+    """``torch.export`` (non-strict) of ``model.forward`` in eval mode. A forward that takes ``use_cache`` (Hugging
+    Face decoders) is read without a cache unless told otherwise: a key/value cache is state for generation, not part
+    of what the model computes, and export cannot return its type."""
+    if "use_cache" not in kwargs and "use_cache" in inspect.signature(model.forward).parameters:
+        kwargs = {**kwargs, "use_cache": False}
+    with eval_mode(model), torch.no_grad(), _quiet():
+        return torch.export.export(model, tuple(args), dict(kwargs), strict=False)
+
+
 def _export(model: nn.Module, example_inputs: tuple[tuple, dict], fx_error: BaseException) -> Traced:
     args, kwargs = example_inputs
     try:
-        with eval_mode(model), torch.no_grad(), _quiet():
-            program = torch.export.export(model, tuple(args), dict(kwargs), strict=False)
+        program = export(model, args, kwargs)
     except Exception as export_error:
         raise UnsupportedPatternError(
             f"cannot read {type(model).__name__}.forward: torch.fx failed ({type(fx_error).__name__}: {fx_error}) and "
