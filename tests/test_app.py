@@ -262,6 +262,9 @@ def test_cli_sweep_then_report_gives_table_csv_and_png(tmp_path, capsys):
         assert f"Outputs in {job.parent}" in result.stdout
         log = (job.parent / LOG_FILE).read_text()
         assert "StructuredPruning: masking" in log and "StructuredPruning: fused" in log and "Pruned with" in log
+    printed = (result.stdout + result.stderr).splitlines()
+    masking = [line for line in printed if "StructuredPruning: masking" in line]
+    assert len(masking) == 2 and all(line.startswith("StructuredPruning") for line in masking)  # once per run
     assert report_main([str(sweep_dir)]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 0.")]
     assert [row.split("|")[1].strip() for row in rows] == ["0.25", "0.5"]

@@ -23,9 +23,10 @@ def main(cfg: DictConfig) -> float:
 
 def route_logs_to_hydra() -> None:
     """Send Lightning's log and Python warnings through the root logger that Hydra set up, so they reach both the
-    console and ``train.log``. Lightning gives its loggers a console handler of their own and stops them there
-    when it is imported before any logging is configured."""
-    for name in ("lightning.pytorch", "lightning.fabric"):
+    console and ``train.log``, once. Lightning gives its loggers console handlers of their own (``lightning``
+    always; ``lightning.pytorch`` and ``lightning.fabric`` when imported before any logging is configured), which
+    would print each line a second time or keep it out of the file."""
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
         logger = logging.getLogger(name)
         for handler in list(logger.handlers):
             if type(handler) is logging.StreamHandler:
