@@ -50,6 +50,15 @@ def test_explain_sizes_match_what_prune_then_gives() -> None:
     assert plan.to_dict()["macs"]["pruned"] == count_macs(model, x)
 
 
+def test_a_prepared_model_plan_counts_the_masked_layers_macs() -> None:
+    """The callback prints the pruner's plan after the masks are attached: a masked layer is still a leaf."""
+    x = torch.randn(256, 1, 8, 8)
+    pruner = lp.SaliencyPruner(sparsity_level=0.5)
+    pruner.prepare(DigitsCNN(), None, exclude_output=True, example_inputs=(x,))
+    pruner.plan.sparsity_level = 0.5
+    assert pruner.plan.to_dict()["macs"] == {"dense": 153_518_080, "pruned": 39_010_304, "batch": 256}
+
+
 def test_explain_names_the_blocker_and_its_source_line_instead_of_raising() -> None:
     model = archs.TransformerMLP(dim=16, hidden=32)
     plan = lp.explain(model, [{"tensor_fqn": "embed.weight"}, {"tensor_fqn": "blocks.0.fc1.weight"}])

@@ -42,11 +42,15 @@ def layer_macs(plan: PruningPlan) -> tuple[int, dict[str, int], int] | None:
         plan.model(*fake_args, **fake_kwargs)
     counts = {key.partition(".")[2]: sum(ops.values()) for key, ops in counter.get_flop_counts().items()}
     modules = dict(plan.model.named_modules())
-    leaves = {name: flops // 2 for name, flops in counts.items()
-              if name in modules and not list(modules[name].children())}
+    leaves = {name: flops // 2 for name, flops in counts.items() if name in modules and _is_leaf(modules[name])}
     batch = next((t.shape[0] for t in list(args) + list(kwargs.values()) if isinstance(t, torch.Tensor)
                   and t.dim()), 1)
     return counter.get_total_flops() // 2, leaves, int(batch)
+
+
+def _is_leaf(module: nn.Module) -> bool:
+    """No submodules but its parametrizations (a masked layer is still a leaf)."""
+    return all(name == "parametrizations" for name, _ in module.named_children())
 
 
 def own_tensors(module: nn.Module) -> list[torch.Tensor]:
