@@ -241,6 +241,27 @@ def test_an_lstm_given_an_initial_state_keeps_its_units_and_says_so_at_prepare(i
     assert model.lstm.hidden_size == (16 if initial_state else 8)
 
 
+class LSTMOnlyExported(LSTMWithState):
+    """fx cannot trace ``range(x.dim() - 2)``, so the model is read with torch.export."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for _ in range(x.dim() - 2):
+            x = x + 0
+        return super().forward(x)
+
+
+def test_an_lstm_in_an_exported_graph_keeps_its_units_naming_the_consumer_instead_of_guessing() -> None:
+    """The export graph unpacks the LSTM's output tuple inside the call; the dry run refuses rather than guess."""
+    model, x = LSTMOnlyExported(False).eval(), torch.randn(2, 5, 8)
+    pruner = lp.LSTMSaliencyPruner(sparsity_level=0.5, tie_gates=True)
+    config = [{"tensor_fqn": "lstm.weight_ih_l0"}, {"tensor_fqn": "lstm.weight_hh_l0"}]
+    with pytest.warns(UserWarning, match=r"breaks the model's forward at .*test_seams\.py"):
+        pruner.prepare(model, config, example_inputs=(x,))
+    assert pruner.plan.walk.traced.front_end == "export"
+    step_and_prune_exactly(pruner, model, x)
+    assert model.lstm.hidden_size == 16
+
+
 def test_untied_lstm_gates_are_warned_about_at_prepare() -> None:
     model = LSTMWithState(False)
     with pytest.warns(UserWarning, match=r"tie_gates=False\) prunes each gate of \['lstm'\].*tie_gates=True"):
