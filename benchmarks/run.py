@@ -43,11 +43,23 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import models, sizes  # noqa: E402
+from benchmarks import sizes  # noqa: E402
+from benchmarks.tools import (  # noqa: E402
+    MODELS,
+    TOOLS,
+    ModelFactory,
+    SparsifierTool,
+    example,
+    fresh,
+    phase_seconds,
+    prunable_config,
+    reference_config,
+    seconds,
+    with_options,
+)
 from lightning_prune.measure import count_macs  # noqa: E402
 from lightning_prune.sparsifier import FPGMPruner, SaliencyPruner  # noqa: E402
 
-ModelFactory = Callable[[], nn.Module]
 Row = dict[str, object]
 
 
@@ -70,48 +82,6 @@ class Settings:
                    size_models=("VGG-11 (bias)", "ResNet-18 (CIFAR)", "MLP 8x1024"))
 
 
-MODELS: dict[str, ModelFactory] = {
-    "MLP": models.MLP,
-    "VGG-11": models.VGG11,
-    "ResNet-18": models.ResNet18,
-    "ResNet-50": models.ResNet50,
-}
-
-
-# -- configs -------------------------------------------------------------------------------------------------
-def prunable_config(model: nn.Module) -> list[dict[str, object]]:
-    """Every Linear/Conv2d weight except the classifier ``head``: the classes stay."""
-    return [{"tensor_fqn": f"{name}.weight"} for name, module in model.named_modules()
-            if isinstance(module, (nn.Linear, nn.Conv2d)) and not name.startswith("head")]
-
-
-def reference_config(model: nn.Module) -> list[dict[str, object]]:
-    """``prunable_config`` less what the reference cannot fuse: VGG-11's last conv reaches the classifier through
-    MaxPool2d -> Flatten, a pattern missing from its table, and its ``prune()`` raises on it."""
-    config = prunable_config(model)
-    if isinstance(model, models.VGG11):
-        convs = [name for name, m in model.features.named_children() if isinstance(m, nn.Conv2d)]
-        config = [entry for entry in config if entry["tensor_fqn"] != f"features.{convs[-1]}.weight"]
-    return config
-
-
-def with_options(config: list[dict[str, object]], **options: object) -> list[dict[str, object]]:
-    return [{**entry, **options} for entry in config]
-
-
-def fresh(factory: ModelFactory) -> nn.Module:
-    """A new model with seeded weights and BatchNorm statistics far from 0/1, as trained networks have them."""
-    torch.manual_seed(0)
-    model = factory()
-    sizes.randomize_batchnorm(model)
-    return model
-
-
-def example(model: nn.Module, batch: int) -> torch.Tensor:
-    torch.manual_seed(1)
-    return model.example_input(batch)
-
-
 # -- timing --------------------------------------------------------------------------------------------------
 def interleaved_ms(fns: dict[str, Callable[[], object]], settings: Settings, number: int = 1) -> dict[str, float]:
     """Median milliseconds per call of each function; every round runs all of them once, in turn."""
@@ -124,12 +94,6 @@ def interleaved_ms(fns: dict[str, Callable[[], object]], settings: Settings, num
         for name, timer in timers.items():
             samples[name].append(timer.timeit(number).mean * 1e3)
     return {name: statistics.median(values) for name, values in samples.items()}
-
-
-def _seconds(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def _error(exc: Exception) -> str:
@@ -209,61 +173,6 @@ def _train_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> Call
 
 
 # -- 3. prepare() / prune() ----------------------------------------------------------------------------------
-class SparsifierTool:
-    """A seed-API pruner (ours or the reference): prepare, then step, then prune. ``shapes``: prepare with the
-    model's example input, so shapes are known (ours only)."""
-
-    def __init__(self, make: Callable[[dict[str, object]], object], sparsity: float = 0.5,
-                 config_of: Callable[[nn.Module], list[dict[str, object]]] = reference_config, shapes: bool = False):
-        self.make, self.sparsity, self.config_of, self.shapes = make, sparsity, config_of, shapes
-
-    def prepare(self, model: nn.Module) -> None:
-        self.pruner = self.make({"sparsity_level": self.sparsity})
-        if self.shapes:
-            self.pruner.prepare(model, self.config_of(model), example_inputs=(model.example_input(),))
-        else:
-            self.pruner.prepare(model, self.config_of(model))
-
-    def step(self) -> None:
-        self.pruner.step()
-
-    def prune(self) -> None:
-        self.pruner.prune()
-
-
-class TorchPruningTool:
-    """Torch-Pruning: the dependency-graph build is its 'prepare'; its one ``step()`` scores (L1) and prunes."""
-
-    def __init__(self, sparsity: float = 0.5):
-        self.sparsity = sparsity
-
-    def prepare(self, model: nn.Module) -> None:
-        self.pruner = tp.pruner.MagnitudePruner(model, model.example_input(), ignored_layers=[model.head],
-                                                importance=tp.importance.MagnitudeImportance(p=1),
-                                                pruning_ratio=self.sparsity)
-
-    def step(self) -> None:
-        """Nothing: scoring happens inside its pruning step."""
-
-    def prune(self) -> None:
-        self.pruner.step()
-
-
-TOOLS: dict[str, Callable[..., SparsifierTool | TorchPruningTool]] = {
-    "ours": lambda sparsity=0.5: SparsifierTool(SaliencyPruner, sparsity),
-    "ours, example inputs": lambda sparsity=0.5: SparsifierTool(SaliencyPruner, sparsity, shapes=True),
-    "reference": lambda sparsity=0.5: SparsifierTool(reference.SaliencyPruner, sparsity),
-    "torch_pruning": TorchPruningTool,
-}
-
-
-def phase_seconds(tool: SparsifierTool | TorchPruningTool, model: nn.Module) -> dict[str, float]:
-    """Seconds of prepare and of prune; the mask update between them is not counted."""
-    prepare = _seconds(lambda: tool.prepare(model))
-    tool.step()
-    return {"prepare": prepare, "prune": _seconds(tool.prune)}
-
-
 def section_prune(names: list[str], settings: Settings, factories: dict[str, ModelFactory] = MODELS) -> list[Row]:
     """Median prepare/prune seconds per tool over fresh models, tools alternating; a tool that fails is recorded."""
     rows = []
@@ -315,7 +224,7 @@ def rss_child(tool_name: str, name: str) -> Row:
     for phase, run_phase in (("prepare_step", lambda: (tool.prepare(model), tool.step())), ("prune", tool.prune)):
         Path("/proc/self/clear_refs").write_text("5")  # Linux: VmHWM := current RSS
         before = _proc_status_mb("VmRSS")
-        row[f"{phase}_s"] = _seconds(run_phase)
+        row[f"{phase}_s"] = seconds(run_phase)
         row[f"{phase}_growth_mb"] = _proc_status_mb("VmHWM") - before
     row["prune_growth_over_model"] = row["prune_growth_mb"] / row["model_mb"]
     row["rss_end_mb"] = _proc_status_mb("VmRSS")

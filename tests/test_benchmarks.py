@@ -3,7 +3,7 @@
 import dataclasses
 import math
 
-from benchmarks import models, run
+from benchmarks import models, run, tools
 
 TINY = {"MLP": lambda: models.MLP(width=32, depth=2)}
 SETTINGS = dataclasses.replace(run.Settings.quick(), rounds=1, train_batch=2)
@@ -31,7 +31,7 @@ def test_train_section_compares_masked_variants_with_dense():
 
 def test_prune_section_records_every_tool():
     rows = run.section_prune(["MLP"], dataclasses.replace(SETTINGS, prune_repeats=1), TINY)
-    assert [r["tool"] for r in rows] == list(run.TOOLS)
+    assert [r["tool"] for r in rows] == list(tools.TOOLS)
     for row in rows:
         assert "error" not in row, row
         _positive(row, "prepare_s", "prune_s", "total_s")
@@ -49,8 +49,8 @@ def test_exactness_section_holds_for_ours_on_the_mlp():
 
 def test_reference_config_leaves_out_the_vgg_conv_it_cannot_fuse():
     model = models.VGG11(width=8)
-    ours = {e["tensor_fqn"] for e in run.prunable_config(model)}
-    theirs = {e["tensor_fqn"] for e in run.reference_config(model)}
+    ours = {e["tensor_fqn"] for e in tools.prunable_config(model)}
+    theirs = {e["tensor_fqn"] for e in tools.reference_config(model)}
     assert ours - theirs == {"features.18.weight"}
     assert not any(fqn.startswith("head") for fqn in ours)
 
