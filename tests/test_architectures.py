@@ -21,7 +21,7 @@ import lightning_prune as lp
 from benchmarks import models as archs
 from lightning_prune.fusion import rules as R
 from lightning_prune.measure import count_params
-from tests.models import assert_outputs_match, randomize_norms
+from tests.checks import assert_outputs_match, randomize_norms
 
 #: name -> (small model factory, max pruned/dense param ratio with prune_bias True, and False). Keeping biases
 #: keeps the channels whose constant bias meets zero padding (DESIGN, bias semantics), so those bounds are looser.

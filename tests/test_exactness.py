@@ -21,8 +21,8 @@ from torch import nn
 
 from lightning_prune.errors import UnsupportedPatternError
 from lightning_prune.sparsifier import BaseStructuredSparsifier, LSTMSaliencyPruner, SaliencyPruner
-from tests import models
-from tests.models import assert_outputs_match, randomize_norms
+from tests import models, structures
+from tests.checks import assert_outputs_match, randomize_norms
 
 
 class RandomRowPruner(BaseStructuredSparsifier):
@@ -139,24 +139,24 @@ CASES = {
         narrow_with_bias_kept=("conv2d2",),
     ),
     # the structures the reference gets wrong
-    "pass_through_spellings": Case(models.LinearPassThrough, ("fc1", "fc2", "fc3", "fc4"), (16, 6)),
-    "linear_sigmoid": Case(models.LinearSigmoid, ("fc1", "fc2"), (16, 6)),
-    "conv_sigmoid": Case(models.ConvSigmoid, ("conv1", "conv2"), IMAGE),
-    "batchnorm": Case(models.ConvBatchNorm, ("conv1", "conv2"), IMAGE),
-    "fan_out_linear": Case(models.LinearFanOut, ("trunk",), (16, 6)),
-    "fan_out_conv": Case(models.ConvFanOut, ("trunk",), IMAGE),
-    "residual_linear": Case(models.LinearResidual, ("stem", "fc1", "fc2"), (16, 6), coupled=("stem", "fc2")),
+    "pass_through_spellings": Case(structures.LinearPassThrough, ("fc1", "fc2", "fc3", "fc4"), (16, 6)),
+    "linear_sigmoid": Case(structures.LinearSigmoid, ("fc1", "fc2"), (16, 6)),
+    "conv_sigmoid": Case(structures.ConvSigmoid, ("conv1", "conv2"), IMAGE),
+    "batchnorm": Case(structures.ConvBatchNorm, ("conv1", "conv2"), IMAGE),
+    "fan_out_linear": Case(structures.LinearFanOut, ("trunk",), (16, 6)),
+    "fan_out_conv": Case(structures.ConvFanOut, ("trunk",), IMAGE),
+    "residual_linear": Case(structures.LinearResidual, ("stem", "fc1", "fc2"), (16, 6), coupled=("stem", "fc2")),
     "residual_conv": Case(
-        models.ConvResidual,
+        structures.ConvResidual,
         ("stem", "conv_a", "conv_b"),
         IMAGE,
         narrow_with_bias_kept=(),
         coupled=("stem", "conv_b"),
     ),
-    "same_padding": Case(models.ConvSamePadding, ("conv1", "conv2"), IMAGE, narrow_with_bias_kept=()),
-    "biased_conv_padded_conv": Case(models.BiasedConvPaddedConv, ("conv1",), IMAGE, narrow_with_bias_kept=()),
-    "conv_pool_flatten_linear": Case(models.ConvPoolFlattenLinear, ("conv",), (2, 3, 8, 8)),
-    "conv_spatial_mean": Case(models.ConvSpatialMean, ("conv",), IMAGE),
+    "same_padding": Case(structures.ConvSamePadding, ("conv1", "conv2"), IMAGE, narrow_with_bias_kept=()),
+    "biased_conv_padded_conv": Case(structures.BiasedConvPaddedConv, ("conv1",), IMAGE, narrow_with_bias_kept=()),
+    "conv_pool_flatten_linear": Case(structures.ConvPoolFlattenLinear, ("conv",), (2, 3, 8, 8)),
+    "conv_spatial_mean": Case(structures.ConvSpatialMean, ("conv",), IMAGE),
 }
 
 

@@ -19,7 +19,7 @@ from torch import nn
 import lightning_prune as lp
 from benchmarks import families
 from lightning_prune.measure import count_macs
-from tests.models import assert_outputs_match, randomize_norms, step_and_prune_exactly
+from tests.checks import assert_outputs_match, randomize_norms, step_and_prune_exactly
 from tests.test_architectures import RandomRowPruner
 from tests.test_shapes import prune
 

@@ -13,8 +13,8 @@ from torch.nn.utils import parametrize
 from lightning_prune.errors import PrunerStateError, PruningConfigError, UnsupportedPatternError
 from lightning_prune.masks import FakeStructuredSparsity
 from lightning_prune.sparsifier import BaseStructuredSparsifier, LSTMSaliencyPruner, SaliencyPruner
-from tests import models
-from tests.models import assert_outputs_match, randomize_norms
+from tests import models, structures
+from tests.checks import assert_outputs_match, randomize_norms
 
 LINEAR_BIAS_CONFIG = [{"tensor_fqn": f"seq.{i}.weight"} for i in range(4)]
 CONV_BN_CONFIG = [{"tensor_fqn": "conv1.weight"}, {"tensor_fqn": "conv2.weight"}]
@@ -38,7 +38,7 @@ def masks_of(pruner: BaseStructuredSparsifier) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize(
     ("build", "config", "x_shape"),
-    [(models.LinearBias, LINEAR_BIAS_CONFIG, (8, 7)), (models.ConvBatchNorm, CONV_BN_CONFIG, (2, 3, 10, 10))],
+    [(models.LinearBias, LINEAR_BIAS_CONFIG, (8, 7)), (structures.ConvBatchNorm, CONV_BN_CONFIG, (2, 3, 10, 10))],
     ids=["linear_bias", "conv_batchnorm"],
 )
 def test_every_parameter_gets_gradient_and_trains(build, config, x_shape):
@@ -72,7 +72,7 @@ def test_bias_stays_a_parameter_and_is_masked_with_its_rows():
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 def test_masked_batchnorm_channel_is_silent(train: bool):
     """The BatchNorm affine after a pruned channel is masked too, so the masked model is the final model."""
-    model = models.ConvBatchNorm()
+    model = structures.ConvBatchNorm()
     randomize_norms(model)
     pruner = stepped(model, CONV_BN_CONFIG)
     model.train(train)
@@ -324,7 +324,7 @@ def test_step_or_prune_before_prepare(method):
 
 @pytest.mark.parametrize(
     ("build", "fqn", "op"),
-    [(models.LinearSoftmax, "fc1.weight", "softmax"), (models.ConvChannelMean, "conv1.weight", "mean")],
+    [(structures.LinearSoftmax, "fc1.weight", "softmax"), (structures.ConvChannelMean, "conv1.weight", "mean")],
     ids=["softmax", "channel_mean"],
 )
 def test_unremovable_channels_refused_naming_tensor_and_op(build, fqn, op):
@@ -333,7 +333,7 @@ def test_unremovable_channels_refused_naming_tensor_and_op(build, fqn, op):
 
 def test_config_none_leaves_out_unremovable_tensors():
     pruner = SaliencyPruner()
-    pruner.prepare(models.LinearSoftmax(), None)
+    pruner.prepare(structures.LinearSoftmax(), None)
     assert [group["tensor_fqn"] for group in pruner.groups] == ["fc2.weight"]
 
 

@@ -12,7 +12,7 @@ from torch import nn
 from lightning_prune import ActivationPruner, PrunerStateError, PruningConfigError, TaylorPruner
 from lightning_prune.errors import UnsupportedPatternError
 from lightning_prune.masks import has_masks
-from tests.models import assert_outputs_match
+from tests.checks import assert_outputs_match
 from tests.transformer_models import hand
 
 

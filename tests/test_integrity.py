@@ -11,7 +11,7 @@ from torch.nn.utils import parametrize
 
 import lightning_prune as lp
 from lightning_prune.fusion.surgery import InjectedFault, inject_fault
-from tests.models import assert_outputs_match, randomize_norms, step_and_prune_exactly
+from tests.checks import assert_outputs_match, randomize_norms, step_and_prune_exactly
 
 
 def config_for(*fqns: str) -> list[dict]:

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import lightning_prune as lp
-from tests.models import randomize_norms, step_and_prune_exactly
+from tests.checks import randomize_norms, step_and_prune_exactly
 from tests.test_callback import CLASSES, HIDDEN, TinyClassifier, loader, probe, pruning, trainer_for
 
 

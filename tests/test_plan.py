@@ -15,7 +15,7 @@ from benchmarks import models as archs
 from lightning_prune.app import DigitsCNN
 from lightning_prune.fusion.rules import rule_for
 from lightning_prune.measure import count_macs
-from tests.models import step_and_prune_exactly
+from tests.checks import step_and_prune_exactly
 
 
 def test_explain_reads_the_plan_without_touching_the_model() -> None:

@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 import lightning_prune as lp
-from tests.models import randomize_norms, step_and_prune_exactly
+from tests.checks import randomize_norms, step_and_prune_exactly
 
 OPS = ("conv", "norm", "act", "residual", "reuse", "tie", "branch_cat", "gate", "pool", "leaf")
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lightning_prune as lp
-from tests.models import randomize_norms, step_and_prune_exactly
+from tests.checks import randomize_norms, step_and_prune_exactly
 
 
 class ReadsWhole(nn.Module):

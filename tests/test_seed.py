@@ -24,6 +24,7 @@ from lightning_prune.sparsifier import (
     LSTMSaliencyPruner,
     SaliencyPruner,
 )
+from tests.checks import assert_outputs_match
 from tests.models import (
     Conv2dActivation,
     Conv2dBias,
@@ -38,7 +39,6 @@ from tests.models import (
     LSTMLinearModel,
     SimpleConv2d,
     SimpleLinear,
-    assert_outputs_match,
     rows_are_subset,
 )
 

@@ -21,7 +21,7 @@ from torch import fx, nn
 
 import lightning_prune as lp
 from benchmarks.families import StochasticDepth, stochastic_depth
-from tests.models import randomize_norms, step_and_prune_exactly
+from tests.checks import randomize_norms, step_and_prune_exactly
 from tests.test_exactness import make_pruner, prune_and_compare
 
 

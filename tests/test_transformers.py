@@ -16,7 +16,7 @@ from lightning_prune import FPGMPruner, SaliencyPruner, load_pruned
 from lightning_prune.errors import UnsupportedPatternError
 from lightning_prune.fusion.rules.mha import PrunedMultiheadAttention
 from tests import transformer_models as tm
-from tests.models import assert_outputs_match
+from tests.checks import assert_outputs_match
 
 
 def _layers(model: nn.Module, kind: str) -> list[nn.Module]:
