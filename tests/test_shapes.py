@@ -253,3 +253,23 @@ def test_arithmetic_with_a_size_read_in_forward_is_refused_as_such() -> None:
     """``h.shape[-1]`` is the pruned width here: the scale would change with it."""
     with pytest.raises(lp.UnsupportedPatternError, match=r"'fc.weight'.*mul.*number computed in forward"):
         lp.SaliencyPruner().prepare(SizeScaled(), [{"tensor_fqn": "fc.weight"}], example_inputs=(torch.randn(2, 8),))
+
+
+def test_the_shape_pass_does_not_run_layers_that_keep_their_input_shape(monkeypatch) -> None:
+    """BatchNorm's meta-device decomposition was the slowest step of ``prepare(example_inputs=...)``: its rule says
+    it keeps the input's shape, so the shape pass takes that instead of running it; the plan is the same."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3, stride=2))
+    x = torch.randn(2, 3, 9, 9)
+    original, calls = nn.BatchNorm2d.forward, []
+
+    def counted(self, input):
+        calls.append(input.device.type)
+        return original(self, input)
+
+    monkeypatch.setattr(nn.BatchNorm2d, "forward", counted)
+    monkeypatch.setattr(nn.modules.batchnorm._BatchNorm, "forward", counted)
+    plan = lp.explain(model, [{"tensor_fqn": "0.weight"}], example_inputs=(x,))
+    assert "meta" not in calls
+    shapes = {n.name: tuple(n.meta["val"].shape) for n in plan.walk.traced.graph.nodes if n.op == "call_module"}
+    assert shapes == {"_0": (2, 8, 7, 7), "_1": (2, 8, 7, 7), "_2": (2, 8, 7, 7), "_3": (2, 4, 3, 3)}
+    assert plan.to_dict()["groups"][0]["removable"] == 8

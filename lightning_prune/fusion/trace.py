@@ -127,6 +127,15 @@ class _ShapeInterpreter(fx.Interpreter):
         n.meta["val"] = result
         return result
 
+    def call_module(self, target, args, kwargs):
+        """Modules whose rule says they keep their input's shape (BatchNorm) are not run: only shapes matter here."""
+        module = self.fetch_attr(target)
+        rule = registry.active().call_rule(module)
+        if rule is not None and rule.keeps_shape and len(args) == 1 and not kwargs and \
+                isinstance(args[0], torch.Tensor):
+            return torch.empty_like(args[0])
+        return super().call_module(target, args, kwargs)
+
 
 class _Run(nn.Module):
     """Runs ``graph`` over ``model`` recording every node's value; a module, so ``functional_call`` can swap the

@@ -50,6 +50,8 @@ class Rule:
     kind: RuleKind = RuleKind.BLOCKING
     #: the module is not a leaf: the front ends trace through it and only :meth:`sync` is used (ContainerRule)
     transparent: bool = False
+    #: a call of the module returns a tensor of its input's shape and dtype, so the shape pass skips running it
+    keeps_shape: bool = False
 
     def visit(self, v: Visit) -> None:
         """Read the node's inputs from ``v`` and record its output layout, couplings, blocks and bindings."""

@@ -13,6 +13,8 @@ from lightning_prune.fusion.rules.registry import aten, register_by_name, regist
 class BatchNormRule(ChannelwiseRule):
     """BatchNorm / InstanceNorm: statistics per channel; weight, bias and running statistics are narrowed."""
 
+    keeps_shape = True  # and on meta tensors its Python decomposition is the slowest step of the shape pass
+
     def channel_tensors(self, module):
         return [n for n in ("weight", "bias", "running_mean", "running_var") if getattr(module, n, None) is not None]
 
