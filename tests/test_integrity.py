@@ -250,6 +250,33 @@ def test_unbatched_conv_channels_are_read_from_the_shape_and_refused_where_mixed
     assert_same_state(before, state(model))
 
 
+def test_an_unbatched_conv_read_as_batched_without_shapes_is_warned_at_the_first_forward_and_refused_at_prune():
+    """Without shapes a conv's input is read as batched; (C, L) is just as consistent with the layer types (the
+    Linear over time would be a Linear over channel blocks), so forward's real rank decides: prune() refuses a plan
+    forward has contradicted, and the first such forward warns, before the training that would be lost."""
+    model, x = SingleSignal().eval(), torch.randn(4, 16)
+    pruner = lp.SaliencyPruner(sparsity_level=0.5)
+    pruner.prepare(model, config_for("conv.weight"))
+    with pytest.warns(UserWarning, match=r"Conv1d 'conv' .*test_integrity.py.* rank 3, but forward gave it rank 2"):
+        model(x)
+    pruner.step()
+    with torch.no_grad():
+        masked = model(x)
+    with pytest.raises(lp.UnsupportedPatternError, match=r"rank 2\. .*example_inputs=\(x,\).*model is unchanged"):
+        pruner.prune()
+    assert model.conv.out_channels == 8 and parametrize.is_parametrized(model.conv)
+    with torch.no_grad():
+        assert torch.equal(model(x), masked)
+
+
+def test_a_batched_conv_read_without_shapes_prunes_and_leaves_no_hook() -> None:
+    model, x = SingleSignal().eval(), torch.randn(5, 4, 2)  # the Linear reads 8 channels x 2 steps
+    pruner = lp.SaliencyPruner(sparsity_level=0.5)
+    pruner.prepare(model, config_for("conv.weight"))
+    step_and_prune_exactly(pruner, model, x)
+    assert model.conv.out_channels == 4 and not model.conv._forward_pre_hooks
+
+
 class UnbatchedChain(nn.Module):
     def __init__(self):
         super().__init__()

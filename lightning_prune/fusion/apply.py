@@ -20,6 +20,7 @@ from torch.nn.utils import parametrize
 
 from lightning_prune.fusion.constants import input_node, propagate
 from lightning_prune.fusion.plan import PruningPlan
+from lightning_prune.fusion.ranks import check_ranks, remove_rank_probes
 from lightning_prune.fusion.surgery import Surgery
 from lightning_prune.fusion.walk import held
 from lightning_prune.masks import ChannelMask, FakeStructuredSparsity
@@ -57,6 +58,7 @@ class FusionResult:
 
 def fuse(plan: PruningPlan) -> FusionResult:
     """Shrink the model in place (see the module docstring)."""
+    check_ranks(plan)
     plan.walk.refresh()
     walk, root = plan.walk, plan.groups.solve()
     kept = plan.kept_classes()
@@ -83,6 +85,7 @@ def fuse(plan: PruningPlan) -> FusionResult:
     with Surgery() as surgery:
         ctx.surgery = surgery
         _mutate(ctx, keeps, folds, lineage)
+    remove_rank_probes(plan)
     notes += [f"'{fqn}' keeps its channels (zeroed where masked) to stay exact: {why}"
               for fqn, why in plan.retained.items()]
     for note in notes:

@@ -65,6 +65,7 @@ class PruningPlan:
     retained: dict[str, str] = field(default_factory=dict)  # tensor fqn -> why its channels stay (zeroed)
     #: each module's parameter order before masks were attached, restored when they are removed
     param_orders: dict[int, list[str]] = field(default_factory=dict)
+    rank_probes: list = field(default_factory=list)  # (RankProbe, hook handle): see fusion/ranks.py
     example_inputs: tuple[tuple, dict] | None = None
     #: the level sizes are shown at by :meth:`table` and :meth:`to_dict`
     sparsity_level: float = 0.5

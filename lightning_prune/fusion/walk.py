@@ -87,6 +87,8 @@ class Walk:
     notes: dict[str, Any] = field(default_factory=dict)  # what a rule tells the rule of a later node, by node name
     #: node name -> the op where the channels it is computed from were lost (refused without an output layout)
     lost: dict[str, str] = field(default_factory=dict)
+    #: (module, where, rank) of each layer call whose input rank was assumed (a batch) because no shapes were known
+    assumed_ranks: list[tuple[nn.Module, str, int]] = field(default_factory=list)
 
     def refresh(self) -> None:
         """Follow tensors the model replaced since the walk: ``Module._apply`` (``.to``, ``.double()``, a strategy
@@ -284,6 +286,13 @@ class Visit:
     def ndim(self, arg: Any = None) -> int | None:
         shape = self.shape(arg)
         return None if shape is None else len(shape)
+
+    def assume_rank(self, ndim: int | None) -> int | None:
+        """Record that this module call was read as getting a batched input of rank ``ndim`` without shapes to say so
+        (an unbatched conv input has its channels on dim 0); prune() checks it against the rank forward saw."""
+        if ndim is not None and self.module is not None:
+            self.state.assumed_ranks.append((self.module, self.where, ndim))
+        return ndim
 
     def channel_inputs(self) -> list[Any]:
         """The values of every input node that carries channels."""

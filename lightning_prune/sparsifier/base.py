@@ -20,6 +20,7 @@ from lightning_prune.errors import PrunerStateError, PruningConfigError
 from lightning_prune.fusion.apply import fuse
 from lightning_prune.fusion.attach import attach_masks
 from lightning_prune.fusion.plan import Member, PruningPlan, analyse
+from lightning_prune.fusion.ranks import attach_rank_probes
 from lightning_prune.fusion.rules import Rule, rules_scope
 from lightning_prune.inputs import as_call
 from lightning_prune.masks import has_masks
@@ -140,6 +141,7 @@ class BaseStructuredSparsifier(abc.ABC):
                 warnings.warn(f"'{fqn}' will keep its channels (zeroed where masked) to stay exact: {why}",
                               UserWarning, stacklevel=2)
             masks = attach_masks(plan, {g["tensor_fqn"]: g["prune_bias"] for g in groups})
+            attach_rank_probes(plan)
         self.groups = groups
         self.state = {fqn: {"mask": parametrization.mask} for fqn, parametrization in masks.items()}
         self.model, self.plan, self.pruned = model, plan, False

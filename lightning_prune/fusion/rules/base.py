@@ -133,6 +133,10 @@ class LayerRule(Rule):
         """The output's rank when no shapes are known (None: any)."""
         return None
 
+    def out_ndim(self, v: Visit, module: nn.Module) -> int | None:
+        """This call's output rank: from the shapes, else :meth:`output_ndim`, recorded as an assumption."""
+        return v.ndim() if v.shapes else v.assume_rank(self.output_ndim(module))
+
     def in_channels(self, module: nn.Module) -> int:
         raise NotImplementedError
 
@@ -194,8 +198,7 @@ class LayerRule(Rule):
         for name in self.bias_names(module, "weight"):
             v.bind(v.tensor(name), 0, ids)
             v.silence(module, name, ids)
-        ndim = v.ndim() if v.shapes else self.output_ndim(module)
-        return Layout.vector(ids, dim, ndim)
+        return Layout.vector(ids, dim, self.out_ndim(v, module))
 
     def const(self, v: Visit, *inputs: torch.Tensor) -> torch.Tensor:
         bias = getattr(v.module, "bias", None)

@@ -114,7 +114,7 @@ class ConvRule(LayerRule):
         if module.bias is not None:
             v.bind(module.bias, 0, ids)
             v.silence(module, "bias", ids)
-        v.set(Layout.vector(ids, dim, v.ndim() if v.shapes else self.output_ndim(module)))
+        v.set(Layout.vector(ids, dim, self.out_ndim(v, module)))
 
     def const(self, v, *inputs):
         module = v.module
@@ -153,7 +153,7 @@ class ConvTransposeRule(ConvRule):
         v.block(input_layout(v), reason)
         ids = v.produce(v.module, "weight", 1)
         v.block(ids, reason)
-        v.set(Layout.vector(ids, self.channel_dim_for(v), v.ndim() if v.shapes else self.output_ndim(v.module)))
+        v.set(Layout.vector(ids, self.channel_dim_for(v), self.out_ndim(v, v.module)))
 
     def channel_dim_of_weight(self, module) -> int:
         return 1
