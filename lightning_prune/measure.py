@@ -29,21 +29,23 @@ def count_params(model: nn.Module) -> int:
 def count_macs(model: nn.Module, example_input: ExampleInput) -> int:
     """Multiply-accumulates of one eval-mode forward pass, from ``FlopCounterMode`` (MACs = FLOPs / 2).
 
-    oneDNN and cuDNN are switched off while counting: their fused RNN kernels have no FLOP formula and
-    would make an LSTM count as zero, while the reference kernels run the same math as countable matmuls.
+    Counted with :func:`countable_kernels`, so an LSTM counts.
     """
-    mkldnn = torch.backends.mkldnn
     counter = FlopCounterMode(display=False)
-    with (
-        eval_mode(model),
-        torch.no_grad(),
-        mkldnn.flags(enabled=False, deterministic=mkldnn.deterministic, allow_tf32=mkldnn.allow_tf32),
-        torch.backends.cudnn.flags(enabled=False),
-        counter,
-    ):
+    with eval_mode(model), torch.no_grad(), countable_kernels(), counter:
         args, kwargs = as_call(example_input)
         model(*args, **kwargs)
     return counter.get_total_flops() // 2
+
+
+@contextlib.contextmanager
+def countable_kernels() -> Iterator[None]:
+    """oneDNN and cuDNN off: their fused kernels (an LSTM's) have no FLOP formula; the reference kernels run the same
+    math as matmuls that ``FlopCounterMode`` counts."""
+    mkldnn = torch.backends.mkldnn
+    with mkldnn.flags(enabled=False, deterministic=mkldnn.deterministic, allow_tf32=mkldnn.allow_tf32), \
+            torch.backends.cudnn.flags(enabled=False):
+        yield
 
 
 def latency_ms(

@@ -16,7 +16,7 @@ from lightning_prune import (
     SaliencyPruner,
     TaylorPruner,
 )
-from lightning_prune.app.models import DigitsCNN, DigitsResNet
+from lightning_prune.app.models import DigitsCNN, DigitsLSTM, DigitsResNet
 from lightning_prune.measure import count_macs, count_params
 from tests.transformer_models import hand
 
@@ -30,7 +30,7 @@ def _cost(model: nn.Module, metric: str) -> int:
 @pytest.mark.parametrize("ratio", [0.5, 0.25, 0.1])
 @pytest.mark.parametrize("allocation", ["global", "uniform"])
 @pytest.mark.parametrize("metric", ["macs", "params"])
-@pytest.mark.parametrize("model_class", [DigitsCNN, DigitsResNet])
+@pytest.mark.parametrize("model_class", [DigitsCNN, DigitsResNet, DigitsLSTM])
 def test_a_budget_lands_within_two_percent_of_the_dense_cost(model_class, metric, allocation, ratio):
     model = model_class()
     dense = _cost(model, metric)

@@ -12,7 +12,7 @@ from torch.nn.utils import parametrize
 
 import lightning_prune as lp
 from benchmarks import models as archs
-from lightning_prune.app import DigitsCNN
+from lightning_prune.app import DigitsCNN, DigitsLSTM
 from lightning_prune.fusion.rules import rule_for
 from lightning_prune.measure import count_macs
 from tests.checks import step_and_prune_exactly
@@ -47,6 +47,20 @@ def test_explain_sizes_match_what_prune_then_gives() -> None:
     pruner.step()
     pruner.prune()
     assert plan.to_dict()["params"]["pruned"] == sum(p.numel() for p in model.parameters())
+    assert plan.to_dict()["macs"]["pruned"] == count_macs(model, x)
+
+
+def test_lstm_macs_are_counted_and_predicted_as_prune_then_gives() -> None:
+    """oneDNN's fused LSTM kernel has no FLOP formula: the plan counts with the reference kernels, and splits the
+    LSTM's MACs between weight_ih and weight_hh (hidden x hidden shrinks quadratically)."""
+    x = torch.randn(2, 1, 8, 8)
+    model = DigitsLSTM()
+    plan = lp.explain(model, example_inputs=x, sparsity_level=0.5)
+    assert plan.to_dict()["macs"]["dense"] == count_macs(model, x)
+    pruner = lp.LSTMSaliencyPruner(sparsity_level=0.5, tie_gates=True)
+    pruner.prepare(model, None, exclude_output=True, example_inputs=(x,))
+    pruner.step()
+    pruner.prune()
     assert plan.to_dict()["macs"]["pruned"] == count_macs(model, x)
 
 

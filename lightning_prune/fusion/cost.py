@@ -31,14 +31,14 @@ def layer_macs(plan: PruningPlan) -> tuple[int, dict[str, int], int] | None:
     from torch.utils._pytree import tree_map
     from torch.utils.flop_counter import FlopCounterMode
 
-    from lightning_prune.measure import eval_mode
+    from lightning_prune.measure import countable_kernels, eval_mode
 
     args, kwargs = plan.example_inputs
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     fake_args, fake_kwargs = tree_map(lambda t: mode.from_tensor(t) if isinstance(t, torch.Tensor) else t,
                                       (tuple(args), dict(kwargs)))
     counter = FlopCounterMode(display=False)
-    with mode, eval_mode(plan.model), torch.no_grad(), counter:
+    with mode, eval_mode(plan.model), torch.no_grad(), countable_kernels(), counter:
         plan.model(*fake_args, **fake_kwargs)
     counts = {key.partition(".")[2]: sum(ops.values()) for key, ops in counter.get_flop_counts().items()}
     modules = dict(plan.model.named_modules())
@@ -62,10 +62,19 @@ def own_tensors(module: nn.Module) -> list[torch.Tensor]:
     return found
 
 
-def main_tensor(plan: PruningPlan, module: nn.Module) -> torch.Tensor | None:
-    """The tensor whose size a layer's MACs follow: its ``weight`` (masked or not), else its first parameter."""
+def mac_shares(plan: PruningPlan, module: nn.Module) -> list[tuple[torch.Tensor, float]]:
+    """The tensors a layer's MACs follow, each with its share of them: its ``weight`` (masked or not); else its own
+    matrices in proportion to their sizes (an LSTM's ``weight_ih``/``weight_hh``: per step it multiplies by each
+    once); else its first parameter."""
     weight = plan.tensor(module, "weight")
-    return weight if weight is not None else next(iter(own_tensors(module)), None)
+    if weight is not None:
+        return [(weight, 1.0)]
+    own = own_tensors(module)
+    matrices = [t for t in own if t.dim() >= 2]
+    if matrices:
+        total = float(sum(t.numel() for t in matrices))
+        return [(t, t.numel() / total) for t in matrices]
+    return [(own[0], 1.0)] if own else []
 
 
 @dataclass
@@ -108,9 +117,9 @@ class CostModel:
             modules = dict(plan.model.named_modules())
             dense, terms = float(total), []
             for name, macs in leaves.items():
-                tensor = main_tensor(plan, modules[name])
-                if tensor is not None and id(tensor) in dims and macs:
-                    terms.append((float(macs), dims[id(tensor)]))
+                for tensor, share in mac_shares(plan, modules[name]):
+                    if id(tensor) in dims and macs:
+                        terms.append((macs * share, dims[id(tensor)]))
         return cls(metric, dense, dense - sum(w for w, _ in terms), terms)
 
     def total(self, kept: torch.Tensor) -> float:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lightning_prune.fusion.cost import layer_macs, main_tensor, own_tensors
+from lightning_prune.fusion.cost import layer_macs, mac_shares, own_tensors
 
 if TYPE_CHECKING:
     from lightning_prune.fusion.plan import PruningPlan
@@ -123,7 +123,8 @@ def _params(plan: PruningPlan, root: torch.Tensor, kept: torch.Tensor) -> tuple[
 
 
 def _macs(plan: PruningPlan, fraction: dict[int, float]) -> dict[str, int] | None:
-    """Dense MACs per layer (:func:`~.cost.layer_macs`), and each layer scaled by the fraction of its weight left."""
+    """Dense MACs per layer (:func:`~.cost.layer_macs`), and each layer's share per tensor (:func:`~.cost.mac_shares`)
+    scaled by the fraction of that tensor left."""
     counted = layer_macs(plan)
     if counted is None:
         return None
@@ -131,6 +132,6 @@ def _macs(plan: PruningPlan, fraction: dict[int, float]) -> dict[str, int] | Non
     modules = dict(plan.model.named_modules())
     after = total - sum(leaves.values())
     for name, macs in leaves.items():
-        tensor = main_tensor(plan, modules[name])
-        after += macs * (fraction.get(id(tensor), 1.0) if tensor is not None else 1.0)
+        shares = mac_shares(plan, modules[name]) or [(None, 1.0)]
+        after += sum(macs * share * fraction.get(id(tensor), 1.0) for tensor, share in shares)
     return {"dense": total, "pruned": int(after), "batch": batch}
