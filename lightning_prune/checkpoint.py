@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import os
 import re
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 from typing import Any
 
 import torch
@@ -287,8 +287,9 @@ def load_pruned(model: nn.Module, checkpoint: str | os.PathLike | Mapping[str, A
     other objects.
 
     Raises:
-        PruningConfigError: ``model`` or ``checkpoint`` of the wrong type, the checkpoint stands for a model wider
-            than ``model``, or its keys do not fit it.
+        PruningConfigError: ``model`` or ``checkpoint`` of the wrong type, a value that is not a tensor, the
+            checkpoint stands for a model wider than ``model``, or (``strict``) its keys are not the model's; raised
+            before the model changes. Any other error on the way puts the model's structure back as it was.
     """
     if not isinstance(model, nn.Module):
         raise PruningConfigError(f"load_pruned(model, checkpoint): model must be an nn.Module, got {model!r}")
@@ -297,17 +298,68 @@ def load_pruned(model: nn.Module, checkpoint: str | os.PathLike | Mapping[str, A
                                  f"or a state dict, got {type(checkpoint).__name__}")
     if isinstance(checkpoint, (str, os.PathLike)):
         checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=weights_only)
-    state_dict = dict(checkpoint.get("state_dict", checkpoint))
+    state_dict = _state_dict_of(checkpoint, "load_pruned")
     if has_masks_anywhere(model):
         raise PruningConfigError("load_pruned needs a model without pruning masks; build a fresh one")
-    if is_masked(state_dict):
-        _refuse_widening(model, dense_view(state_dict), "", "this masked checkpoint")
-        fuse_masked(model, state_dict, example_inputs=getattr(model, "example_input_array", None), strict=strict)
-        return model
-    _refuse_widening(model, state_dict, "", "this checkpoint")
-    resize_to(model, state_dict)
-    model.load_state_dict(state_dict, strict=strict)
+    masked = is_masked(state_dict)
+    _refuse_widening(model, dense_view(state_dict) if masked else state_dict, "",
+                     "this masked checkpoint" if masked else "this checkpoint")
+    if strict and not masked:
+        _refuse_other_keys(model, state_dict)
+    undo = _structure(model)
+    try:
+        if masked:
+            fuse_masked(model, state_dict, example_inputs=getattr(model, "example_input_array", None), strict=strict)
+        else:
+            resize_to(model, state_dict)
+            model.load_state_dict(state_dict, strict=strict)
+    except Exception:
+        undo()
+        raise
     return model
+
+
+def _state_dict_of(checkpoint: Mapping[str, Any], caller: str) -> dict[str, torch.Tensor]:
+    """The state dict of a Lightning checkpoint or a plain one; every value must be a tensor."""
+    state_dict = dict(checkpoint.get("state_dict", checkpoint))
+    bad = [key for key, value in state_dict.items() if not isinstance(value, torch.Tensor)]
+    if bad:
+        raise PruningConfigError(f"{caller}: a state dict maps names to tensors; {bad[:3]} hold "
+                                 f"{[type(state_dict[k]).__name__ for k in bad[:3]]}")
+    return state_dict
+
+
+def _refuse_other_keys(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
+    """``strict``: the checkpoint names exactly the model's tensors, plus biases fusion created on layers without."""
+    have = set(model.state_dict())
+    created = {f"{name}.bias" for name, module in model.named_modules()
+               if "bias" in module._parameters and module._parameters["bias"] is None and f"{name}.weight" in have}
+    missing, unexpected = sorted(have - set(state_dict)), sorted(set(state_dict) - have - created)
+    if missing or unexpected:
+        differ = "; ".join(f"{what} {keys[:5]}" for what, keys in (("missing", missing), ("unexpected", unexpected))
+                           if keys)
+        raise PruningConfigError(
+            f"this checkpoint's keys do not fit {type(model).__name__}: {differ} (nothing was changed). Build the "
+            "model with the architecture that wrote it, or pass strict=False to load the keys that fit")
+
+
+def _structure(model: nn.Module) -> Callable[[], None]:
+    """A function that puts back every module's class, attributes, parameters, buffers and submodules as they are
+    now (tensors replaced by resizing come back; the model keeps its architecture after a failed load)."""
+    saved = [(m, m.__class__, dict(m.__dict__), dict(m._parameters), dict(m._buffers), dict(m._modules))
+             for m in model.modules()]
+
+    def undo() -> None:
+        for module, cls, attributes, parameters, buffers, modules in saved:
+            module.__class__ = cls
+            module.__dict__.clear()
+            module.__dict__.update(attributes)
+            for table, entries in ((module._parameters, parameters), (module._buffers, buffers),
+                                   (module._modules, modules)):
+                table.clear()
+                table.update(entries)
+
+    return undo
 
 
 # -- the StructuredPruning callback's load pre-hook -------------------------------------------------------------

@@ -144,6 +144,47 @@ def test_load_pruned_takes_a_plain_state_dict_and_creates_folded_biases():
     torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
 
 
+def _pruned_pair() -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))
+    pruner = lp.SaliencyPruner(sparsity_level=0.5)
+    pruner.prepare(model, [{"tensor_fqn": "0.weight"}])
+    pruner.step()
+    pruner.prune()
+    return model, model.state_dict()
+
+
+@pytest.mark.parametrize(("edit", "match"), [
+    (lambda sd: sd.update({"extra.weight": torch.ones(2)}), r"unexpected \['extra.weight'\]"),
+    (lambda sd: sd.pop("2.bias"), r"missing \['2.bias'\]"),
+    (lambda sd: sd.update({"0.weight": "x"}), r"\['0.weight'\] hold \['str'\]"),
+])
+def test_load_pruned_refuses_keys_that_do_not_fit_before_changing_the_model(edit, match):
+    _pruned, state_dict = _pruned_pair()
+    edit(state_dict)
+    fresh = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(lp.PruningConfigError, match=match):
+        lp.load_pruned(fresh, state_dict)
+    assert fresh[0].out_channels == 8 and all(torch.equal(fresh.state_dict()[k], v) for k, v in before.items())
+
+
+def test_load_pruned_puts_the_structure_back_when_loading_fails_midway(monkeypatch):
+    _pruned, state_dict = _pruned_pair()
+    fresh = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))
+    weights = dict(fresh.named_parameters())
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk went away")
+
+    monkeypatch.setattr(fresh, "load_state_dict", broken)
+    with pytest.raises(RuntimeError, match="disk went away"):
+        lp.load_pruned(fresh, state_dict)
+    assert (fresh[0].out_channels, fresh[2].in_channels) == (8, 8)
+    assert all(p is weights[k] for k, p in fresh.named_parameters()) and weights.keys() == dict(
+        fresh.named_parameters()).keys()
+
+
 def test_dense_view_names_masked_tensors_as_the_plain_model_does():
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
     plain_keys = set(model.state_dict())
