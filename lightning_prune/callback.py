@@ -27,9 +27,10 @@ from lightning_prune.fusion.plan import PruningPlan
 from lightning_prune.measure import count_params
 from lightning_prune.optim import carry_optimizer_state
 from lightning_prune.schedule import SparsityScheduler
-from lightning_prune.selection import check_arguments, check_patterns_match, checked_config, checked_patterns
+from lightning_prune.selection import check_arguments, checked_config, checked_patterns
 from lightning_prune.setup_checks import example_input, refuse_unsupported
 from lightning_prune.sparsifier import BaseStructuredSparsifier, StatisticsPruner
+from lightning_prune.sparsifier.config import check_flag
 from lightning_prune.sparsifier.explain import explain
 from lightning_prune.sparsifier.statistics import mean_over_ranks
 from lightning_prune.verify import fusion_summary, snapshot, try_forward, verdict
@@ -102,7 +103,9 @@ class StructuredPruning(Callback):
         self.pruner = pruner
         self.config = checked_config(config)
         self.include, self.exclude = checked_patterns("include", include), checked_patterns("exclude", exclude)
-        self.prune_on_fit_end, self.verify, self.narrow_output = prune_on_fit_end, verify, bool(narrow_output)
+        self.prune_on_fit_end, self.verify, self.narrow_output = (
+            check_flag(value, name, "StructuredPruning") for name, value in (
+                ("prune_on_fit_end", prune_on_fit_end), ("verify", verify), ("narrow_output", narrow_output)))
         self.shrink_every_n_steps = shrink_every_n_steps
         self.fused = False
         self._resolved_config: list[dict[str, Any]] = []  # the tensors chosen at setup, to mask again after a shrink
@@ -168,7 +171,6 @@ class StructuredPruning(Callback):
         if self.pruner.groups and not any(g["sparsity_level"] for g in self.pruner.groups):
             rank_zero_warn("StructuredPruning: every target sparsity is 0, so nothing will be pruned")
         if not self.pruner.groups:
-            check_patterns_match(self.include, pl_module)
             rank_zero_warn("StructuredPruning found no prunable layer (the selected ones all reach the output or meet "
                            "an op fusion cannot narrow); training continues dense and nothing will be pruned")
         self._resolved_config = [{k: v for k, v in g.items() if k not in ("module", "module_fqn", "tensor_name")}

@@ -269,9 +269,15 @@ def narrow_to_state_dict(
       here, the callback's load pre-hook shapes it.
 
     Raises:
-        PruningConfigError: the state dict stands for a model wider than ``model`` (loading never widens a pruned
-            model), or a masked state dict does not fit the model.
+        PruningConfigError: ``state_dict`` is not a mutable mapping of tensors (a path: use :func:`load_pruned`),
+            the state dict stands for a model wider than ``model`` (loading never widens a pruned model), or a masked
+            state dict does not fit the model.
     """
+    if not isinstance(state_dict, MutableMapping):
+        hint = " (for a file, load_pruned(model, path) reads it)" if isinstance(state_dict, (str, os.PathLike)) else ""
+        raise PruningConfigError(f"narrow_to_state_dict(model, state_dict): state_dict must be the checkpoint's "
+                                 f"state dict (checkpoint['state_dict']), got {type(state_dict).__name__}{hint}")
+    _state_dict_of(state_dict, "narrow_to_state_dict")
     if has_masks_anywhere(model):
         return []
     return load_plain(model, state_dict, prefix)
@@ -322,7 +328,8 @@ def load_pruned(model: nn.Module, checkpoint: str | os.PathLike | Mapping[str, A
 def _state_dict_of(checkpoint: Mapping[str, Any], caller: str) -> dict[str, torch.Tensor]:
     """The state dict of a Lightning checkpoint or a plain one; every value must be a tensor."""
     state_dict = dict(checkpoint.get("state_dict", checkpoint))
-    bad = [key for key, value in state_dict.items() if not isinstance(value, torch.Tensor)]
+    bad = [key for key, value in state_dict.items()
+           if not isinstance(value, torch.Tensor) and not key.endswith("_extra_state")]  # get_extra_state(): any
     if bad:
         raise PruningConfigError(f"{caller}: a state dict maps names to tensors; {bad[:3]} hold "
                                  f"{[type(state_dict[k]).__name__ for k in bad[:3]]}")

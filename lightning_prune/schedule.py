@@ -153,6 +153,9 @@ class SparsityScheduler:
                 f"end_step=None ends the ramp at {DEFAULT_END} of the run, not after start_step={start_step}: "
                 "give end_step explicitly"
             )
+        if not isinstance(getattr(sparsifier, "defaults", None), dict) or not hasattr(sparsifier, "groups"):
+            raise PruningConfigError(f"SparsityScheduler drives a pruner (e.g. SaliencyPruner(sparsity_level=0.5)), "
+                                     f"got {sparsifier!r}")
         validate_schedule(schedule, sparsifier.defaults["sparsity_level"], start_step, end, every_n_steps)
         self.sparsifier = sparsifier
         self.schedule, self.every_n_steps = schedule, every_n_steps
@@ -186,8 +189,13 @@ class SparsityScheduler:
         """Turn fractional bounds into optimizer steps of a run of ``total_steps`` (None or inf: unknown length).
 
         Raises:
-            PruningConfigError: a fraction (or a ramp's default end) in a run of unknown length.
+            PruningConfigError: ``total_steps`` not None or a number >= 0; a fraction (or a ramp's default end) in a
+                run of unknown length.
         """
+        if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, numbers.Real)
+                                        or not total_steps >= 0):
+            raise PruningConfigError(f"total_steps must be None or a number of optimizer steps >= 0 (inf: unknown "
+                                     f"length), got {total_steps!r}")
         self.total_steps = total_steps
         self.start = resolve_step("start_step", self.start_step, total_steps)
         if self.schedule in _RAMPS:

@@ -280,6 +280,15 @@ def test_cli_rejects_out_of_range_sparsity_before_training(tmp_path):
     assert not (tmp_path / "run" / METRICS_FILE).exists()
 
 
+def test_cli_reports_a_tensor_the_model_lacks_as_a_message_not_a_traceback(tmp_path):
+    result = _cli("tensors.config=[{tensor_fqn: net.featurs.0.weight}]", f"hydra.run.dir={tmp_path / 'run'}",
+                  cwd=tmp_path)
+    assert result.returncode == 1
+    assert "PruningConfigError: unknown tensor_fqn 'net.featurs.0.weight'" in result.stderr
+    assert "net.features.0.weight" in result.stderr and "Traceback" not in result.stderr
+    assert "Epoch" not in result.stderr + result.stdout
+
+
 def test_ddp_runs_on_a_cpu_only_machine_as_documented(tmp_path):
     run_dir = tmp_path / "run"
     result = _cli(*TINY, "trainer=ddp", "trainer.devices=2", "dense_baseline=false", f"hydra.run.dir={run_dir}",

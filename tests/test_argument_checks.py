@@ -82,3 +82,33 @@ def test_output_reached_error_is_importable_from_the_package() -> None:
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
     with pytest.raises(lp.OutputReachedError, match="reach the model's output"):
         lp.SaliencyPruner().prepare(model, [{"tensor_fqn": "2.weight"}], exclude_output=True)
+
+
+@pytest.mark.parametrize(("make", "named"), [
+    (lambda: lp.StructuredPruning(lp.SaliencyPruner(), verify="yes"), "verify must be True or False, got 'yes'"),
+    (lambda: lp.StructuredPruning(lp.SaliencyPruner(), narrow_output="x"), "narrow_output must be True or False"),
+    (lambda: lp.StructuredPruning(lp.SaliencyPruner(), prune_on_fit_end=1), "prune_on_fit_end must be True or False"),
+    (lambda: lp.SaliencyPruner().prepare(nn.Linear(2, 2), None, exclude_output="yes"),
+     "prepare(): exclude_output must be True or False, got 'yes'"),
+    (lambda: lp.explain(nn.Linear(2, 2), exclude_output=0), "explain(): exclude_output must be True or False, got 0"),
+    (lambda: lp.explain(None), "explain() needs an nn.Module, got NoneType"),
+    (lambda: lp.SparsityScheduler("x", "cubic", end_step=5), "SparsityScheduler drives a pruner"),
+    (lambda: lp.SparsityScheduler(lp.SaliencyPruner(), total_steps=-5), "total_steps must be None or a number"),
+    (lambda: lp.SparsityScheduler(lp.SaliencyPruner(), total_steps="100"), "optimizer steps >= 0"),
+    (lambda: lp.narrow_to_state_dict(nn.Linear(2, 2), "last.ckpt"), "got str (for a file, load_pruned(model, path)"),
+    (lambda: lp.narrow_to_state_dict(nn.Linear(2, 2), None), "state_dict must be the checkpoint's state dict"),
+    (lambda: lp.SaliencyPruner(0.5), "for a sparsity pass sparsity_level=0.5"),
+    (lambda: lp.TaylorPruner(betta=0.5), "did you mean 'beta'?); TaylorPruner accepts ['prune_bias', "
+                                         "'sparsity_level'], and as constructor keywords ['beta', 'rules', 'sample'"),
+])
+def test_flags_types_and_positional_mistakes_are_refused_naming_the_value(make, named) -> None:
+    with pytest.raises(lp.PruningConfigError, match=re.escape(named)):
+        make()
+
+
+def test_include_patterns_matching_no_weight_are_refused_by_the_core_api_too() -> None:
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    with pytest.raises(lp.PruningConfigError, match=r"include=\['zzz'\] matches no weight of Sequential; its "
+                                                    r"weights: 0.weight, 2.weight"):
+        lp.SaliencyPruner().prepare(model, None, include=["zzz"])
+    assert not any(hasattr(m, "parametrizations") for m in model.modules())

@@ -10,15 +10,20 @@ import hydra
 from omegaconf import DictConfig
 
 from lightning_prune.app.experiment import run
+from lightning_prune.errors import PruningConfigError, UnsupportedPatternError
 
 CONFIG_PATH = "pkg://lightning_prune.app.conf"
 
 
 @hydra.main(config_path=CONFIG_PATH, config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float:
-    """One run; returns the pruned model's validation accuracy, the value a Hydra sweeper would optimise."""
+    """One run; returns the pruned model's validation accuracy, the value a Hydra sweeper would optimise. A config
+    the pruner refuses (checked before training) ends the run with its message, not a traceback."""
     route_logs_to_hydra()
-    return run(cfg)["val_acc"]
+    try:
+        return run(cfg)["val_acc"]
+    except (PruningConfigError, UnsupportedPatternError) as error:
+        raise SystemExit(f"{type(error).__name__}: {error}") from None
 
 
 def route_logs_to_hydra() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import abc
 import copy
 import difflib
+import inspect
 import warnings
 from collections.abc import Mapping
 from typing import Any, ClassVar
@@ -24,9 +25,11 @@ from lightning_prune.fusion.ranks import attach_rank_probes
 from lightning_prune.fusion.rules import Rule, rules_scope
 from lightning_prune.inputs import as_call
 from lightning_prune.masks import has_masks
+from lightning_prune.selection import check_patterns_match
 from lightning_prune.sparsifier.config import (
     DEFAULTS,
     RESERVED,
+    check_flag,
     check_group,
     config_fqns,
     fqn_filter,
@@ -55,7 +58,9 @@ class BaseStructuredSparsifier(abc.ABC):
     def __init__(self, defaults: dict[str, Any] | None = None, *, rules: dict[Any, Rule] | None = None,
                  **kwargs: Any):
         if defaults is not None and not isinstance(defaults, dict):
-            raise PruningConfigError(f"defaults must be a dict or None, got {type(defaults).__name__}")
+            hint = (f"; for a sparsity pass sparsity_level={defaults!r} (the first positional argument is the "
+                    "defaults dict, as in torch.ao)") if isinstance(defaults, (int, float)) else ""
+            raise PruningConfigError(f"defaults must be a dict or None, got {type(defaults).__name__}{hint}")
         self.defaults = {**DEFAULTS, **(defaults or {}), **kwargs}
         self._check_keys(self.defaults, type(self).__name__)
         check_group(self.defaults, type(self).__name__)
@@ -79,12 +84,29 @@ class BaseStructuredSparsifier(abc.ABC):
             return
         unknown = sorted(set(entry) - self.hyperparameters - set(RESERVED))
         if unknown:
-            close = {k: difflib.get_close_matches(k, self.hyperparameters, n=1) for k in unknown}
+            constructing = where == type(self).__name__  # else a config entry, where only group keys go
+            keywords = self._constructor_keywords() - self.hyperparameters if constructing else frozenset()
+            close = {k: difflib.get_close_matches(k, self.hyperparameters | keywords, n=1) for k in unknown}
             hints = "".join(f" ('{k}': did you mean '{c[0]}'?)" for k, c in close.items() if c)
+            also = f", and as constructor keywords {sorted(keywords)}" if keywords else ""
             raise PruningConfigError(
                 f"{where}: unknown hyper-parameter(s) {unknown}{hints}; {type(self).__name__} accepts "
-                f"{sorted(self.hyperparameters)}"
+                f"{sorted(self.hyperparameters)}{also}"
             )
+
+    @classmethod
+    def _constructor_keywords(cls) -> frozenset[str]:
+        """Named arguments of the constructors in the class's MRO (``beta``, ``target``, ``rules``...)."""
+        names: set[str] = set()
+        for klass in cls.__mro__:
+            init = klass.__dict__.get("__init__")
+            if init is None or klass is object:
+                continue
+            for name, parameter in inspect.signature(init).parameters.items():
+                if parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY) and \
+                        name not in ("self", "defaults"):
+                    names.add(name)
+        return frozenset(names)
 
     @abc.abstractmethod
     def update_mask(self, module: nn.Module, tensor_name: str, **kwargs: Any) -> None:
@@ -113,7 +135,8 @@ class BaseStructuredSparsifier(abc.ABC):
         of keyword arguments, or a single tensor.
 
         Raises:
-            PruningConfigError: a bad config entry, an unknown tensor, a bad hyper-parameter, bad example inputs.
+            PruningConfigError: a bad config entry, an unknown tensor, a bad hyper-parameter, bad example inputs,
+                ``include`` patterns that match no weight of the model.
             UnsupportedPatternError: a configured tensor whose channels fusion cannot remove exactly.
             PrunerStateError: the pruner is already prepared.
         """
@@ -121,6 +144,9 @@ class BaseStructuredSparsifier(abc.ABC):
             raise PruningConfigError(f"prepare() needs an nn.Module, got {type(model).__name__}")
         if self.model is not None and not self.pruned:
             raise PrunerStateError("this pruner is already prepared; create a new pruner for another model")
+        check_flag(exclude_output, "exclude_output", "prepare()")
+        if config is None:
+            check_patterns_match(include, model)
         if has_masks_anywhere(model):
             raise PruningConfigError("the model already carries pruning masks; prepare a fresh copy of the model")
         self.example_inputs = None if example_inputs is None else as_call(example_inputs)

@@ -28,12 +28,18 @@ def check_sparsity(value: Any, where: str) -> None:
         raise PruningConfigError(f"{where}: sparsity_level must be a number in [0, 1), got {value!r}")
 
 
+def check_flag(value: Any, name: str, where: str) -> bool:
+    """Return ``value`` if it is a bool, else raise: a string such as "false" would otherwise read as True."""
+    if not isinstance(value, bool):
+        raise PruningConfigError(f"{where}: {name} must be True or False, got {value!r}")
+    return value
+
+
 def check_group(group: dict[str, Any], where: str) -> None:
     """Raise unless the group's built-in hyper-parameters are valid: ``sparsity_level`` in [0, 1), ``prune_bias`` a
-    bool (a string such as "false" would otherwise read as True)."""
+    bool."""
     check_sparsity(group["sparsity_level"], where)
-    if not isinstance(group["prune_bias"], bool):
-        raise PruningConfigError(f"{where}: prune_bias must be True or False, got {group['prune_bias']!r}")
+    check_flag(group["prune_bias"], "prune_bias", where)
 
 
 def config_fqns(config: Any) -> list[str]:

@@ -6,10 +6,12 @@ from typing import Any
 
 from torch import nn
 
+from lightning_prune.errors import PruningConfigError
 from lightning_prune.fusion.plan import PruningPlan, analyse
 from lightning_prune.fusion.rules import Rule, rules_scope
 from lightning_prune.inputs import as_call
 from lightning_prune.sparsifier.config import (
+    check_flag,
     check_sparsity,
     config_fqns,
     fqn_filter,
@@ -43,7 +45,10 @@ def explain(
             outside [0, 1).
         UnsupportedPatternError: the model's forward cannot be read (neither torch.fx nor torch.export).
     """
+    if not isinstance(model, nn.Module):
+        raise PruningConfigError(f"explain() needs an nn.Module, got {type(model).__name__}")
     check_sparsity(sparsity_level, "explain()")
+    check_flag(exclude_output, "exclude_output", "explain()")
     fqns = config_fqns(config) if config is not None else None
     for fqn in fqns or []:
         resolve_tensor(model, fqn)

@@ -10,6 +10,7 @@ from torch import nn
 
 from lightning_prune.errors import PruningConfigError
 from lightning_prune.fusion.plan import PruningPlan
+from lightning_prune.sparsifier.config import check_flag
 from lightning_prune.sparsifier.saliency import SaliencyPruner
 
 
@@ -23,8 +24,7 @@ class LSTMSaliencyPruner(SaliencyPruner):
     """
 
     def __init__(self, defaults: dict[str, Any] | None = None, tie_gates: bool = False, **kwargs: Any):
-        if not isinstance(tie_gates, bool):
-            raise PruningConfigError(f"LSTMSaliencyPruner: tie_gates must be True or False, got {tie_gates!r}")
+        check_flag(tie_gates, "tie_gates", "LSTMSaliencyPruner")
         if kwargs.get("target") is not None and not tie_gates:
             raise PruningConfigError("LSTMSaliencyPruner: a target (budget) needs tie_gates=True, so whole hidden "
                                      "units are removed and their cost is known")
