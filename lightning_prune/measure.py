@@ -40,12 +40,18 @@ def count_macs(model: nn.Module, example_input: ExampleInput) -> int:
 
 @contextlib.contextmanager
 def countable_kernels() -> Iterator[None]:
-    """oneDNN and cuDNN off: their fused kernels (an LSTM's) have no FLOP formula; the reference kernels run the same
-    math as matmuls that ``FlopCounterMode`` counts."""
-    mkldnn = torch.backends.mkldnn
-    with mkldnn.flags(enabled=False, deterministic=mkldnn.deterministic, allow_tf32=mkldnn.allow_tf32), \
-            torch.backends.cudnn.flags(enabled=False):
-        yield
+    """oneDNN, cuDNN and the fused transformer inference path off: their fused kernels (an LSTM's, an
+    ``nn.TransformerEncoderLayer``'s in eval mode) have no FLOP formula; the reference kernels run the same math as
+    matmuls that ``FlopCounterMode`` counts."""
+    mkldnn, mha = torch.backends.mkldnn, torch.backends.mha
+    fastpath = mha.get_fastpath_enabled()
+    mha.set_fastpath_enabled(False)
+    try:
+        with mkldnn.flags(enabled=False, deterministic=mkldnn.deterministic, allow_tf32=mkldnn.allow_tf32), \
+                torch.backends.cudnn.flags(enabled=False):
+            yield
+    finally:
+        mha.set_fastpath_enabled(fastpath)
 
 
 def latency_ms(

@@ -15,6 +15,7 @@ from torch import nn
 from lightning_prune import FPGMPruner, SaliencyPruner, load_pruned
 from lightning_prune.errors import UnsupportedPatternError
 from lightning_prune.fusion.rules.mha import PrunedMultiheadAttention
+from lightning_prune.measure import count_macs
 from tests import transformer_models as tm
 from tests.checks import assert_outputs_match
 
@@ -284,3 +285,56 @@ def test_decoders_with_their_default_cache_are_read_without_it_and_run_with_it_a
         first = model(ids[:, :-1], use_cache=True)
         last = model(ids[:, -1:], past_key_values=first.past_key_values, use_cache=True).last_hidden_state
     assert_outputs_match(masked[:, -1:], last, rtol=1e-4)
+
+
+class TorchEncoder(nn.Module):
+    """torch's own transformer blocks, as a classifier over a padded batch of sequences."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.embed, self.head = nn.Linear(8, 16), nn.Linear(16, 3)
+        def layer(**options):
+            return nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True, **options)
+        self.blocks = {"layer": lambda: layer(), "norm_first": lambda: layer(norm_first=True, activation="gelu"),
+                       "stack": lambda: nn.TransformerEncoder(layer(), 2),  # nested tensors on by default
+                       "decoder": lambda: nn.TransformerDecoderLayer(16, 4, 32, dropout=0.0, batch_first=True)}[kind]()
+        self.kind = kind
+
+    def forward(self, x: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        h = self.blocks(h, h) if self.kind == "decoder" else self.blocks(h, src_key_padding_mask=padding)
+        return self.head(h.mean(1))
+
+
+@pytest.mark.parametrize("kind", ["layer", "norm_first", "stack", "decoder"])
+def test_torch_transformer_blocks_lose_heads_and_ffn_width_exactly(kind):
+    """Read op by op through torch.export; in eval mode without grad torch runs a fused kernel (and, in a stack with
+    a padding mask, nested tensors) that only takes full width: the masked and pruned models both leave it."""
+    torch.manual_seed(0)
+    model, x = TorchEncoder(kind).eval(), torch.randn(2, 5, 8)
+    padding = torch.tensor([[False] * 5, [False] * 3 + [True] * 2])
+    pruner = SaliencyPruner(sparsity_level=0.5)
+    pruner.prepare(model, None, exclude_output=True, example_inputs=(x, padding))
+    pruner.plan.sparsity_level = 0.5
+    plan = pruner.plan.to_dict()
+    assert {g["granularity"] for g in plan["groups"] if g["removable"]} == {"group-of-12", "channel"}
+    pruner.step()
+    with torch.no_grad():
+        masked = model(x, padding)
+    pruner.prune()
+    with torch.no_grad():
+        assert_outputs_match(masked, model(x, padding))
+    attention = [m for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
+    assert attention and all(type(a) is PrunedMultiheadAttention and a.num_heads == 2 for a in attention)
+    assert all(m.linear1.out_features == 16 for m in model.modules() if hasattr(m, "linear1"))
+    assert plan["macs"]["pruned"] == count_macs(model, (x, padding))  # attention's MACs follow its heads
+    fresh = load_pruned(TorchEncoder(kind).eval(), model.state_dict())
+    with torch.no_grad():
+        assert_outputs_match(masked, fresh(x, padding))
+
+
+def test_torch_transformer_blocks_without_example_inputs_are_one_call_and_say_why():
+    model = TorchEncoder("stack")
+    with pytest.raises(UnsupportedPatternError, match=r"TransformerEncoder 'blocks' .* is read as one call without "
+                                                      r"example inputs .*pass example_inputs to prune inside it"):
+        SaliencyPruner().prepare(model, [{"tensor_fqn": "embed.weight"}])

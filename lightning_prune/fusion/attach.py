@@ -12,6 +12,7 @@ import torch
 from torch.nn.utils import parametrize
 
 from lightning_prune.fusion.plan import PruningPlan
+from lightning_prune.fusion.rules import registry
 from lightning_prune.masks import ChannelMask, FakeStructuredSparsity, attach_channel_mask, attach_row_mask
 
 
@@ -49,6 +50,8 @@ def attach_masks(plan: PruningPlan, prune_bias: dict[str, bool]) -> dict[str, Fa
                            _compact(classes, order), order.numel())
         device = getattr(silence.module, silence.tensor_name).device
         attach_channel_mask(silence.module, silence.tensor_name, mask.to(device))
+    for container, rule in registry.containers_holding(plan.model, [m.module for m in plan.members]):
+        rule.on_masked(container)
     return masks
 
 

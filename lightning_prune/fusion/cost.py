@@ -49,7 +49,13 @@ def layer_macs(plan: PruningPlan) -> tuple[int, dict[str, int], int] | None:
 
 
 def _is_leaf(module: nn.Module) -> bool:
-    """No submodules but its parametrizations (a masked layer is still a leaf)."""
+    """A layer the analysis reads as one call (``nn.MultiheadAttention``, whose ``out_proj`` is a child it never
+    calls), or a module with no submodules but its parametrizations (a masked layer is still a leaf)."""
+    from lightning_prune.fusion.rules import registry
+
+    rule = registry.active().call_rule(module)
+    if rule is not None and not rule.transparent:
+        return True
     return all(name == "parametrizations" for name, _ in module.named_children())
 
 

@@ -53,12 +53,18 @@ class _Tracer(fx.Tracer):
     (fx's own ``record_stack_traces`` costs a second of imports on first use; one frame walk is enough here.)
     """
 
-    def __init__(self) -> None:
+    def __init__(self, opaque_blocks: bool = False) -> None:
         functions = tuple(f for f in registry.active().python_functions() if inspect.isfunction(f))
         super().__init__(autowrap_functions=functions)
+        self.opaque_blocks = opaque_blocks
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return _leaf_rule(m) or super().is_leaf_module(m, module_qualified_name)
+        """Modules with a layer rule are leaves, modules with a container rule are traced through (torch's
+        transformer blocks too, unless ``opaque_blocks``); others as fx decides (torch.nn's own are leaves)."""
+        rule = registry.active().call_rule(m)
+        if rule is not None and not (rule.transparent and self.opaque_blocks and _from_torch(m)):
+            return not rule.transparent
+        return super().is_leaf_module(m, module_qualified_name)
 
     def create_node(self, *args, **kwargs) -> fx.Node:
         node = super().create_node(*args, **kwargs)
@@ -83,6 +89,10 @@ def _user_frame() -> str | None:
 _TRACE_CODE = fx.Tracer.trace.__code__
 
 
+def _from_torch(module: nn.Module) -> bool:
+    return type(module).__module__.startswith("torch.nn.")
+
+
 def _leaf_rule(module: nn.Module) -> bool:
     """Whether the module has a rule that reads its call as one node (container rules are traced through)."""
     rule = registry.active().call_rule(module)
@@ -97,7 +107,12 @@ def trace(model: nn.Module, example_inputs: tuple[tuple, dict] | None = None) ->
     """
     before = set(model.__dict__)
     try:
-        graph = _Tracer().trace(model)
+        try:
+            graph = _Tracer().trace(model)
+        except Exception:  # noqa: BLE001 - torch's transformer blocks branch on the input: without example inputs
+            if example_inputs is not None:  # for export, read the rest of the model with them as opaque leaves
+                raise
+            graph = _Tracer(opaque_blocks=True).trace(model)
     except Exception as fx_error:  # fx raises many types; try export, then surface them as one clear config error
         if example_inputs is None:
             raise UnsupportedPatternError(

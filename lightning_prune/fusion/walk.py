@@ -164,6 +164,12 @@ def walk(model: nn.Module, traced: Traced) -> Walk:
             _freeze_refs(state, visit, "is returned by forward from")
         else:
             rule = rules.call_rule(visit.module) if node.op == "call_module" else rules.function_rule(node.target)
+            if rule is not None and rule.transparent:  # a block read as one call (its forward needs shapes)
+                visit.block_inputs("is read as one call without example inputs (its forward branches on its "
+                                   "input); pass example_inputs to prune inside it")
+                state.values[node.name] = None
+                _note_lost(state, node, visit, True)
+                continue
             visit.rule = rule
             state.values[node.name] = None
             blocks = len(state.groups.blocks)

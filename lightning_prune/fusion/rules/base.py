@@ -326,3 +326,7 @@ class ContainerRule(Rule):
 
     def visit(self, v: Visit) -> None:  # pragma: no cover - the front ends never make a node for it
         raise RuntimeError(f"{type(self).__name__} is a container rule; its module is traced through")
+
+    def on_masked(self, module: nn.Module) -> None:
+        """Called once masks are attached inside ``module``: switch off what the masked model must not do because
+        the pruned one cannot (a fused path that only runs at full width)."""

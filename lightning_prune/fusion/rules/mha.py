@@ -9,6 +9,12 @@ After pruning, ``num_heads`` counts the heads left, ``head_dim`` is unchanged an
 is the width the module reads, which only shrinks when the stream feeding it is pruned. torch's kernel assumes
 ``num_heads * head_dim == embed_dim``; a module where that no longer holds becomes a :class:`PrunedMultiheadAttention`
 (still an ``nn.MultiheadAttention``), whose forward computes the same function for any number of heads.
+
+``nn.TransformerEncoderLayer`` / ``DecoderLayer`` and the ``nn.TransformerEncoder`` / ``Decoder`` / ``Transformer``
+stacks are read op by op (their forward branches on the input, so they need example inputs and ``torch.export``):
+the heads come from their attention modules, the feed-forward width from ``linear1``; the residual stream is
+LayerNorm'd, so it stays. PyTorch's fused inference path (eval mode without grad) needs every head, so a layer that
+lost heads turns it off (``activation_relu_or_gelu = 0``) and runs the same math op by op.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_prune.fusion.layout import Layout
-from lightning_prune.fusion.rules.base import LayerRule, features_at
+from lightning_prune.fusion.rules.base import ContainerRule, LayerRule, features_at
 from lightning_prune.fusion.rules.registry import register_layer
 
 
@@ -189,4 +195,25 @@ def _widths(module: nn.MultiheadAttention) -> tuple[int, int]:
     return weight.shape[0] // (3 if module._qkv_same_embed_dim else 1) // module.head_dim, weight.shape[1]
 
 
+
+class TransformerBlockRule(ContainerRule):
+    """torch's transformer layers and stacks: traced through. A layer whose attention lost heads leaves the fused
+    inference kernel (which checks ``in_proj_weight`` against ``3 * embed_dim``). A stack with masked layers leaves
+    its nested-tensor path from the start: it zeroes padded positions, which the op-by-op path that a pruned layer
+    runs computes like any other, so the masked and pruned models would differ there."""
+
+    def on_masked(self, module) -> None:
+        if hasattr(module, "use_nested_tensor"):
+            module.use_nested_tensor = False
+
+    def sync(self, module) -> None:
+        attention = getattr(module, "self_attn", None)
+        if attention is not None and attention.num_heads * attention.head_dim != attention.embed_dim:
+            module.activation_relu_or_gelu = 0
+        self.on_masked(module)
+
+
 register_layer(nn.MultiheadAttention, MultiheadAttentionRule())
+for _block in (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.TransformerEncoder, nn.TransformerDecoder,
+               nn.Transformer):
+    register_layer(_block, TransformerBlockRule())

@@ -119,18 +119,24 @@ def sync_containers(model: nn.Module, changed: Iterable[nn.Module],
 
     ``before(module)`` runs before each sync (fusion journals the module's attributes there).
     """
-    dirty = {id(m) for m in changed}
     synced = []
+    for module, rule in containers_holding(model, changed):
+        if before is not None:
+            before(module)
+        rule.sync(module)
+        synced.append(module)
+    return synced
+
+
+def containers_holding(model: nn.Module, changed: Iterable[nn.Module]) -> Iterator[tuple[nn.Module, Any]]:
+    """Each module with a container rule that holds one of ``changed``, with its rule, deepest first."""
+    dirty = {id(m) for m in changed}
     for module in reversed(list(model.modules())):  # every module after all of its descendants
         if any(id(child) in dirty for child in module.children()):
             dirty.add(id(module))
         rule = active().module_rule(module)
         if id(module) in dirty and rule is not None and rule.transparent:
-            if before is not None:
-                before(module)
-            rule.sync(module)
-            synced.append(module)
-    return synced
+            yield module, rule
 
 
 def register_layer(layer_type: type[nn.Module], rule: Rule | type[nn.Module]) -> None:
