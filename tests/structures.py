@@ -212,3 +212,17 @@ class ConvChannelMean(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv2(self.conv1(x).mean(dim=1, keepdim=True))
+
+
+class ConvWhere(nn.Module):
+    """Comparisons and ``torch.where`` on the channels: a leaky ReLU spelt out, a thresholded gate and a fill."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(x)
+        h = torch.where(h > 0, h, 0.1 * h)
+        h = torch.where(h.gt(0.2), h, torch.zeros_like(h)) + (h <= 1).float()
+        return self.conv2(torch.where(h != 0, h, 1.5))

@@ -157,6 +157,7 @@ CASES = {
     "biased_conv_padded_conv": Case(structures.BiasedConvPaddedConv, ("conv1",), IMAGE, narrow_with_bias_kept=()),
     "conv_pool_flatten_linear": Case(structures.ConvPoolFlattenLinear, ("conv",), (2, 3, 8, 8)),
     "conv_spatial_mean": Case(structures.ConvSpatialMean, ("conv",), IMAGE),
+    "comparisons_and_where": Case(structures.ConvWhere, ("conv1",), IMAGE),
 }
 
 
@@ -278,6 +279,17 @@ def test_a_channel_mixing_view_is_refused():
 
     with pytest.raises(UnsupportedPatternError, match="reshapes the pruned channels"):
         SaliencyPruner().prepare(MixingView(False), [{"tensor_fqn": "conv.weight"}])
+
+
+def test_where_choosing_by_a_condition_without_the_channels_is_refused():
+    """A removed channel would be filled from the other operand wherever the condition says so."""
+    class InputGate(structures.ConvWhere):
+        def forward(self, x):
+            return self.conv2(torch.where(x.mean(1, keepdim=True) > 0, self.conv1(x), x.mean()))
+
+    with pytest.raises(UnsupportedPatternError, match="function 'where' .* selects between the pruned channels and "
+                                                      "a value that does not carry them"):
+        SaliencyPruner().prepare(InputGate(), [{"tensor_fqn": "conv1.weight"}])
 
 
 # --- property tests over random stacks ----------------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""Ops that combine two tensors position by position: add, sub, mul, div, maximum, minimum, and GLU (the two
-halves of one tensor).
+"""Ops that combine tensors position by position: add, sub, mul, div, maximum, minimum, comparisons, ``torch.where``
+(three operands), and GLU (the two halves of one tensor).
 
 Two tensors that both carry channels are *coupled*: channel c on one side and channel c on the other are kept or
 removed together (a residual connection, a squeeze-and-excitation gate). With a parameter that varies along the
@@ -201,6 +201,40 @@ class GLURule(Rule):
         return first * torch.sigmoid(second), False
 
 
+class WhereRule(CombineRule):
+    """``torch.where(condition, a, b)``: every operand that carries channels is coupled with the others (the
+    condition usually comes from one of them, ``x > 0``); numbers broadcast; a run-time tensor without the channels
+    would be selected into a removed channel, so the channels are kept."""
+
+    def __init__(self):
+        super().__init__(torch.where, additive=True)
+
+    def operands(self, v):
+        return v.arg(0, "condition"), v.arg(1, "input"), v.arg(2, "other")
+
+    def visit(self, v) -> None:
+        operands = self.operands(v)
+        flows = [v.layout(o) for o in operands]
+        live = [f for f in flows if f is not None]
+        if not live:
+            return
+        if operands[2] is None or any(f is None and not isinstance(o, (numbers.Number, bool))
+                                      for o, f in zip(operands, flows, strict=True)):
+            for flow in live:
+                v.block(flow, f"{v.where} selects between the pruned channels and a value that does not carry them "
+                              "(or returns indices); configure the layers producing every operand")
+            return
+        v.set(live[0])
+        for flow in live[1:]:
+            self._both(v, v.layout(v.node), flow)
+
+    def const(self, v, *inputs):
+        inputs = list(inputs)
+        values = [inputs.pop(0) if v.layout(o) is not None else torch.tensor(o, dtype=torch.float64)
+                  for o in self.operands(v)]
+        return torch.where(values[0] != 0, values[1], values[2]).to(torch.float64), False
+
+
 _ADD = CombineRule(operator.add, additive=True)
 _SUB = CombineRule(operator.sub, additive=True)
 _MUL = CombineRule(operator.mul, additive=False)
@@ -215,5 +249,10 @@ register_functions([operator.truediv, operator.itruediv, torch.div, torch.true_d
                     aten("div"), aten("div_")], _DIV)
 register_functions([torch.maximum, "maximum", aten("maximum")], CombineRule(torch.maximum, additive=True))
 register_functions([torch.minimum, "minimum", aten("minimum")], CombineRule(torch.minimum, additive=True))
+for _op in (operator.gt, operator.ge, operator.lt, operator.le, operator.eq, operator.ne):
+    _name = _op.__name__
+    register_functions([_op, getattr(torch, _name), _name, f"__{_name}__", aten(_name)],
+                       CombineRule(_op, additive=True))
+register_functions([torch.where, "where", aten("where")], WhereRule())
 register_functions([F.glu, aten("glu")], GLURule())
 register_layer(nn.GLU, GLURule())

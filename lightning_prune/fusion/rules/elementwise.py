@@ -130,6 +130,8 @@ for _name in _POINTWISE:
     register_functions([getattr(F, _name, None), getattr(torch, _name, None), _name, f"{_name}_", aten(_name),
                         aten(f"{_name}_")], _APPLY)
 register_functions([torch.pow, "pow", aten("pow")], _APPLY)
+for _name in ("zeros_like", "ones_like", "full_like"):  # the input's layout, values of their own
+    register_functions([getattr(torch, _name), aten(_name)], _APPLY)
 _SAME = ElementwiseRule()
 for _name in _SAME_VALUES:
     register_functions([_name, aten(_name)], _SAME)
