@@ -21,8 +21,8 @@ from torch.nn.utils import parametrize
 from lightning_prune.fusion.constants import input_node, propagate
 from lightning_prune.fusion.plan import PruningPlan
 from lightning_prune.fusion.ranks import check_ranks, remove_rank_probes
+from lightning_prune.fusion.records import held
 from lightning_prune.fusion.surgery import Surgery
-from lightning_prune.fusion.walk import held
 from lightning_prune.masks import ChannelMask, FakeStructuredSparsity
 
 

@@ -14,7 +14,8 @@ import torch
 from torch import fx
 
 from lightning_prune.fusion.layout import Layout
-from lightning_prune.fusion.walk import Visit, Walk
+from lightning_prune.fusion.records import Walk
+from lightning_prune.fusion.walk import Visit
 
 
 @dataclass

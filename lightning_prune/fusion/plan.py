@@ -17,9 +17,10 @@ from torch import nn
 
 from lightning_prune.errors import OutputReachedError, UnsupportedPatternError
 from lightning_prune.fusion.dryrun import dry_run
+from lightning_prune.fusion.records import Producer, Walk, computed_tensors, held
 from lightning_prune.fusion.rules import registry
 from lightning_prune.fusion.trace import trace
-from lightning_prune.fusion.walk import Producer, Walk, computed_tensors, held, walk
+from lightning_prune.fusion.walk import walk
 
 
 @dataclass

@@ -105,7 +105,7 @@ def tie_axis(v: Visit, labels: torch.Tensor, axis: int) -> None:
 
 
 def _is_ref(value: Any) -> bool:
-    from lightning_prune.fusion.walk import TensorRef
+    from lightning_prune.fusion.records import TensorRef
 
     return isinstance(value, TensorRef)
 

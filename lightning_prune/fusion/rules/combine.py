@@ -36,7 +36,7 @@ class CombineRule(Rule):
         return v.arg(0, "input"), v.arg(1, "other")
 
     def visit(self, v) -> None:
-        from lightning_prune.fusion.walk import TensorRef
+        from lightning_prune.fusion.records import TensorRef
 
         a, b = self.operands(v)
         la, lb = v.layout(a), v.layout(b)
@@ -112,7 +112,7 @@ class CombineRule(Rule):
         v.set(Layout(aligned[0], la.labels, out_ndim, la.pending, tuple(set(la.stable) & set(lb.stable))))
 
     def const(self, v, *inputs):
-        from lightning_prune.fusion.walk import TensorRef
+        from lightning_prune.fusion.records import TensorRef
 
         a, b = self.operands(v)
         values = []

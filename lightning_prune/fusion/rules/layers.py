@@ -340,7 +340,7 @@ class FunctionalLayerRule(LayerRule):
         self.channel_dim = 1 if conv_dims else -1
 
     def visit(self, v) -> None:
-        from lightning_prune.fusion.walk import TensorRef
+        from lightning_prune.fusion.records import TensorRef
 
         weight_ref, bias_ref = v.value(v.arg(1, "weight")), v.value(v.arg(2, "bias"))
         groups = v.arg(6, "groups", 1) if self.conv_dims else 1
@@ -367,7 +367,7 @@ class FunctionalLayerRule(LayerRule):
         v.set(Layout.vector(ids, dim, v.ndim() if v.shapes else None))
 
     def const(self, v, *inputs):
-        from lightning_prune.fusion.walk import TensorRef
+        from lightning_prune.fusion.records import TensorRef
 
         bias_ref = v.value(v.arg(2, "bias"))
         weight_ref = v.value(v.arg(1, "weight"))
