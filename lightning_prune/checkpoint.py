@@ -173,6 +173,10 @@ def fuse_masked(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, con
     pruner = _prepare_like(model, state_dict, config, example_inputs)
     try:
         model.load_state_dict(state_dict, strict=strict)
+    except RuntimeError as error:  # a mask or tensor of another size than its layer's
+        strip_masks(model)
+        raise PruningConfigError(f"this masked state dict does not fit {type(model).__name__}: "
+                                 f"{' '.join(str(error).split())[:400]}") from error
     except Exception:
         strip_masks(model)
         raise
@@ -273,6 +277,8 @@ def narrow_to_state_dict(
             the state dict stands for a model wider than ``model`` (loading never widens a pruned model), or a masked
             state dict does not fit the model.
     """
+    if not isinstance(model, nn.Module):
+        raise PruningConfigError(f"narrow_to_state_dict(model, state_dict): model must be an nn.Module, got {model!r}")
     if not isinstance(state_dict, MutableMapping):
         hint = " (for a file, load_pruned(model, path) reads it)" if isinstance(state_dict, (str, os.PathLike)) else ""
         raise PruningConfigError(f"narrow_to_state_dict(model, state_dict): state_dict must be the checkpoint's "
@@ -339,9 +345,19 @@ def _state_dict_of(checkpoint: Mapping[str, Any], caller: str) -> dict[str, torc
 def _refuse_other_keys(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
     """``strict``: the checkpoint names exactly the model's tensors, plus biases fusion created on layers without."""
     have = set(model.state_dict())
-    created = {f"{name}.bias" for name, module in model.named_modules()
-               if "bias" in module._parameters and module._parameters["bias"] is None and f"{name}.weight" in have}
-    missing, unexpected = sorted(have - set(state_dict)), sorted(set(state_dict) - have - created)
+    created = {}
+    for name, module in model.named_modules():
+        weight = state_dict.get(f"{name}.weight")
+        if "bias" in module._parameters and module._parameters["bias"] is None and weight is not None:
+            rule = rule_for(module)
+            created[f"{name}.bias"] = weight.shape[rule.channel_dim_of_weight(module) if rule is not None and hasattr(
+                rule, "channel_dim_of_weight") else 0]
+    for key, width in created.items():
+        if key in state_dict and tuple(state_dict[key].shape) != (width,):
+            raise PruningConfigError(
+                f"this checkpoint's '{key}' has shape {tuple(state_dict[key].shape)}; a bias fusion created has one "
+                f"value per output channel of its layer, ({width},) here (nothing was changed)")
+    missing, unexpected = sorted(have - set(state_dict)), sorted(set(state_dict) - have - set(created))
     if missing or unexpected:
         differ = "; ".join(f"{what} {keys[:5]}" for what, keys in (("missing", missing), ("unexpected", unexpected))
                            if keys)

@@ -193,9 +193,10 @@ class SparsityScheduler:
                 run of unknown length.
         """
         if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, numbers.Real)
-                                        or not total_steps >= 0):
-            raise PruningConfigError(f"total_steps must be None or a number of optimizer steps >= 0 (inf: unknown "
-                                     f"length), got {total_steps!r}")
+                                        or not total_steps >= 0
+                                        or math.isfinite(total_steps) and total_steps != int(total_steps)):
+            raise PruningConfigError(f"total_steps must be None or a whole number of optimizer steps >= 0 (inf: "
+                                     f"unknown length), got {total_steps!r}")
         self.total_steps = total_steps
         self.start = resolve_step("start_step", self.start_step, total_steps)
         if self.schedule in _RAMPS:

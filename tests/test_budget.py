@@ -43,6 +43,39 @@ def test_a_budget_lands_within_two_percent_of_the_dense_cost(model_class, metric
     assert reached == pytest.approx(pruner.budget_reached)  # the cost model is exact for these layers
 
 
+class AttentionNet(nn.Module):
+    """Self-attention whose output projection feeds a Linear directly: out_proj loses rows as well as columns."""
+
+    def __init__(self):
+        super().__init__()
+        self.e, self.a = nn.Linear(8, 32), nn.MultiheadAttention(32, 8, batch_first=True)
+        self.f, self.o = nn.Linear(32, 64), nn.Linear(64, 10)
+
+    def forward(self, x):
+        h = self.e(x)
+        return self.o(torch.relu(self.f(self.a(h, h, h, need_weights=False)[0].mean(1))))
+
+
+@pytest.mark.parametrize("pruner", [SaliencyPruner, TaylorPruner])
+def test_a_budget_counts_attention_projections_on_both_sides(pruner):
+    torch.manual_seed(0)
+    model, x = AttentionNet(), torch.randn(4, 10, 8)
+    dense = count_macs(model, x)
+    p = pruner(target={"macs": 0.5})
+    p.prepare(model, None, exclude_output=True, example_inputs=x)
+    if isinstance(p, TaylorPruner):
+        model(x).square().sum().backward()
+    p.step()
+    p.prune()
+    assert 0.48 <= count_macs(model, x) / dense <= 0.5
+
+
+def test_a_global_budget_over_a_stacked_lstm_warns_that_layers_share_one_width():
+    model = nn.Sequential(nn.LSTM(8, 16, num_layers=2, batch_first=True))
+    with pytest.warns(UserWarning, match=r"LSTM\(s\) \['0'\] have several layers and one hidden size"):
+        TaylorPruner(target={"macs": 0.5}).prepare(model, None, example_inputs=torch.randn(2, 5, 8))
+
+
 def test_global_ranking_differs_from_uniform_which_auto_picks_for_weight_norms():
     """Global allocation removes more of the layers whose channels cost most per unit of score; "auto" keeps L1 norms,
     which mean nothing across layers, uniform (Taylor's loss changes go global: see the test below)."""

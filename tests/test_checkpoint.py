@@ -169,6 +169,29 @@ def test_load_pruned_refuses_keys_that_do_not_fit_before_changing_the_model(edit
     assert fresh[0].out_channels == 8 and all(torch.equal(fresh.state_dict()[k], v) for k, v in before.items())
 
 
+@pytest.mark.parametrize("bias", [torch.zeros(99), torch.zeros(4, 4)])
+def test_a_bias_for_a_layer_without_one_must_have_one_value_per_output(bias):
+    """Fusion creates biases where it folds constants; one of another shape is not from fusion."""
+    def build():
+        return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4, bias=False))
+    state_dict = {**build().state_dict(), "2.bias": bias}
+    fresh = build()
+    with pytest.raises(lp.PruningConfigError, match=r"'2.bias' has shape .*one value per output channel.*\(4,\)"):
+        lp.load_pruned(fresh, state_dict)
+    assert fresh[2].bias is None
+
+
+def test_a_masked_checkpoint_whose_mask_has_another_length_is_a_config_error():
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    lp.SaliencyPruner().prepare(model, [{"tensor_fqn": "0.weight"}])
+    state_dict = model.state_dict()
+    state_dict["0.parametrizations.weight.0.mask"] = torch.ones(7, dtype=torch.bool)
+    fresh = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    with pytest.raises(lp.PruningConfigError, match="does not fit Sequential: .*size mismatch"):
+        lp.load_pruned(fresh, state_dict)
+    assert fresh[0].out_features == 16 and not hasattr(fresh[0], "parametrizations")
+
+
 def test_load_pruned_puts_the_structure_back_when_loading_fails_midway(monkeypatch):
     _pruned, state_dict = _pruned_pair()
     fresh = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))

@@ -269,6 +269,18 @@ def test_an_unbatched_conv_read_as_batched_without_shapes_is_warned_at_the_first
         assert torch.equal(model(x), masked)
 
 
+def test_pruning_with_a_rank_assumed_and_never_seen_says_so() -> None:
+    """prepare -> step -> prune with no forward in between (or load_pruned of a masked checkpoint): nothing confirmed
+    the batched reading, so prune() warns, naming the layer and the fix."""
+    model = SingleSignal().eval()
+    pruner = lp.SaliencyPruner(sparsity_level=0.5)
+    pruner.prepare(model, config_for("conv.weight"))
+    pruner.step()
+    with pytest.warns(UserWarning, match=r"1 convolution\(s\) were read as taking batched input, and no forward ran"
+                                         r".*Conv1d 'conv'.*example_inputs=\(x,\)"):
+        pruner.prune()
+
+
 def test_a_batched_conv_read_without_shapes_prunes_and_leaves_no_hook() -> None:
     model, x = SingleSignal().eval(), torch.randn(5, 4, 2)  # the Linear reads 8 channels x 2 steps
     pruner = lp.SaliencyPruner(sparsity_level=0.5)

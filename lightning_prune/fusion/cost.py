@@ -69,14 +69,15 @@ def own_tensors(module: nn.Module) -> list[torch.Tensor]:
 
 
 def mac_shares(plan: PruningPlan, module: nn.Module) -> list[tuple[torch.Tensor, float]]:
-    """The tensors a layer's MACs follow, each with its share of them: its ``weight`` (masked or not); else its own
-    matrices in proportion to their sizes (an LSTM's ``weight_ih``/``weight_hh``: per step it multiplies by each
-    once); else its first parameter."""
+    """The tensors a layer's MACs follow, each with its share of them: its ``weight`` (masked or not); else its
+    matrices, its children's included (``nn.MultiheadAttention``'s ``in_proj_weight`` and the ``out_proj`` it calls
+    without calling the module), in proportion to their sizes (an LSTM's ``weight_ih``/``weight_hh``: per step it
+    multiplies by each once); else its first parameter."""
     weight = plan.tensor(module, "weight")
     if weight is not None:
         return [(weight, 1.0)]
     own = own_tensors(module)
-    matrices = [t for t in own if t.dim() >= 2]
+    matrices = [t for m in module.modules() for t in own_tensors(m) if t.dim() >= 2]
     if matrices:
         total = float(sum(t.numel() for t in matrices))
         return [(t, t.numel() / total) for t in matrices]

@@ -58,6 +58,11 @@ def check_ranks(plan: PruningPlan) -> None:
              for seen in probe.seen if seen != probe.rank]
     if wrong:
         raise UnsupportedPatternError(f"{'; '.join(wrong)}. {_FIX} The model is unchanged.")
+    unseen = [probe.where for probe, _handle in plan.rank_probes if not probe.seen]
+    if unseen and len(unseen) == len(plan.rank_probes):
+        warnings.warn(f"{len(unseen)} convolution(s) were read as taking batched input, and no forward ran since "
+                      f"prepare() to confirm it (e.g. {unseen[0]}); with an unbatched (C, *spatial) input the pruned "
+                      f"model would not match. {_FIX}", UserWarning, stacklevel=4)
 
 
 def remove_rank_probes(plan: PruningPlan) -> None:

@@ -1,10 +1,10 @@
 """The walk: one pass over the analysed graph that hands every node to its rule.
 
 The walk knows no layer types. It keeps each node's *value* (a :class:`~.layout.Layout` for a tensor that carries
-channels, a :class:`~.records.TensorRef` for a parameter or buffer read directly, a tuple for tuple outputs, None otherwise)
-and gives rules a :class:`Visit` through which they read their inputs and record what they do: the output layout,
-couplings, blocks, the tensor dims that must be narrowed with a layout (*bindings*), candidate producers, and the
-per-channel tensors that must be masked with the channels.
+channels, a :class:`~.records.TensorRef` for a parameter or buffer read directly, a tuple for tuple outputs, None
+otherwise) and gives rules a :class:`Visit` through which they read their inputs and record what they do: the output
+layout, couplings, blocks, the tensor dims that must be narrowed with a layout (*bindings*), candidate producers, and
+the per-channel tensors that must be masked with the channels.
 """
 
 from __future__ import annotations

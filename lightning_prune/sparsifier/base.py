@@ -21,7 +21,7 @@ from lightning_prune.errors import PrunerStateError, PruningConfigError
 from lightning_prune.fusion.apply import fuse
 from lightning_prune.fusion.attach import attach_masks
 from lightning_prune.fusion.plan import Member, PruningPlan, analyse
-from lightning_prune.fusion.ranks import attach_rank_probes
+from lightning_prune.fusion.ranks import attach_rank_probes, remove_rank_probes
 from lightning_prune.fusion.rules import Rule, rules_scope
 from lightning_prune.inputs import as_call
 from lightning_prune.masks import has_masks
@@ -245,6 +245,8 @@ class BaseStructuredSparsifier(abc.ABC):
 
     def forget_model(self) -> None:
         """Let go of the prepared model once its masks have been removed by other means (e.g. a checkpoint load)."""
+        if self.plan is not None:
+            remove_rank_probes(self.plan)
         self.model, self.plan, self.groups, self.state, self.pruned = None, None, [], {}, False
 
     def _require_prepared(self, what: str) -> None:

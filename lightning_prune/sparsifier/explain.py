@@ -39,6 +39,7 @@ def explain(
     ``plan.to_dict()`` gives the same as JSON-ready data. Unlike ``prepare()``, an explicit ``config`` naming a
     tensor that cannot be pruned exactly is shown as left out (with the reason) instead of raising. With
     ``exclude_output`` (the default, as the callback does) layers whose channels reach the output are left out.
+    The table and ``to_dict()`` read the live model: take them before pruning it.
 
     Raises:
         PruningConfigError: a malformed config, an unknown tensor, a bad regex, bad example inputs, a sparsity level

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -130,6 +131,13 @@ class ScoringPruner(BaseStructuredSparsifier):
             raise PruningConfigError(f"with a target the budget decides every layer's share: remove "
                                      f"'sparsity_level' from the config entries for {own}")
         self.cost = CostModel.of(plan, budget.metric)
+        stacked = sorted({m.module_fqn for m in plan.members
+                          if isinstance(m.module, nn.LSTM) and m.module.num_layers > 1})
+        if stacked and (budget.allocation == "global" or budget.allocation == "auto" and self.comparable_scores):
+            warnings.warn(f"{type(self).__name__}: the LSTM(s) {stacked} have several layers and one hidden size, so "
+                          "every layer keeps as many units as the widest; a global budget counts each layer's own, "
+                          "so it can land above the target. allocation='uniform' removes the same share everywhere.",
+                          UserWarning, stacklevel=3)
         kept = torch.ones(plan.groups.size, dtype=torch.bool)
         sets = [(cs, torch.zeros(cs.classes.numel()).masked_fill(~cs.free, float("inf")))
                 for cs in (class_set(plan, members) for members in plan.coupled_members())]
