@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from lightning_prune.errors import PruningConfigError
-from lightning_prune.fusion.rules import registry, rule_for
+from lightning_prune.fusion.rules import LayerRule, registry, rule_for
 from lightning_prune.masks import bake_masks, has_masks
 from lightning_prune.sparsifier import BaseStructuredSparsifier
 
@@ -350,8 +350,8 @@ def _refuse_other_keys(model: nn.Module, state_dict: Mapping[str, torch.Tensor])
         weight = state_dict.get(f"{name}.weight")
         if "bias" in module._parameters and module._parameters["bias"] is None and weight is not None:
             rule = rule_for(module)
-            created[f"{name}.bias"] = weight.shape[rule.channel_dim_of_weight(module) if rule is not None and hasattr(
-                rule, "channel_dim_of_weight") else 0]
+            rows = rule.channel_dim_of_weight(module) if isinstance(rule, LayerRule) else 0
+            created[f"{name}.bias"] = weight.shape[rows]
     for key, width in created.items():
         if key in state_dict and tuple(state_dict[key].shape) != (width,):
             raise PruningConfigError(

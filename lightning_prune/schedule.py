@@ -189,8 +189,8 @@ class SparsityScheduler:
         """Turn fractional bounds into optimizer steps of a run of ``total_steps`` (None or inf: unknown length).
 
         Raises:
-            PruningConfigError: ``total_steps`` not None or a number >= 0; a fraction (or a ramp's default end) in a
-                run of unknown length.
+            PruningConfigError: ``total_steps`` neither None nor a whole number >= 0; a fraction (or a ramp's
+                default end) in a run of unknown length.
         """
         if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, numbers.Real)
                                         or not total_steps >= 0

@@ -109,9 +109,10 @@ def trace(model: nn.Module, example_inputs: tuple[tuple, dict] | None = None) ->
     try:
         try:
             graph = _Tracer().trace(model)
-        except Exception:  # noqa: BLE001 - torch's transformer blocks branch on the input: without example inputs
-            if example_inputs is not None:  # for export, read the rest of the model with them as opaque leaves
+        except Exception:  # noqa: BLE001 - any failure: export reads what fx cannot, given example inputs
+            if example_inputs is not None:
                 raise
+            # without them, torch's transformer blocks (whose forward branches on its input) stay one opaque call
             graph = _Tracer(opaque_blocks=True).trace(model)
     except Exception as fx_error:  # fx raises many types; try export, then surface them as one clear config error
         if example_inputs is None:

@@ -195,7 +195,6 @@ def _widths(module: nn.MultiheadAttention) -> tuple[int, int]:
     return weight.shape[0] // (3 if module._qkv_same_embed_dim else 1) // module.head_dim, weight.shape[1]
 
 
-
 class TransformerBlockRule(ContainerRule):
     """torch's transformer layers and stacks: traced through. A layer whose attention lost heads leaves the fused
     inference kernel (which checks ``in_proj_weight`` against ``3 * embed_dim``). A stack with masked layers leaves
