@@ -3,6 +3,9 @@ refused; the channel dim comes from the tensor's shape; weights used outside the
 
 from __future__ import annotations
 
+import copy
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -257,6 +260,9 @@ def test_an_unbatched_conv_read_as_batched_without_shapes_is_warned_at_the_first
     model, x = SingleSignal().eval(), torch.randn(4, 16)
     pruner = lp.SaliencyPruner(sparsity_level=0.5)
     pruner.prepare(model, config_for("conv.weight"))
+    with warnings.catch_warnings():  # a deep copy carries the hook, which watches the original only
+        warnings.simplefilter("error")
+        copy.deepcopy(model)(x)
     with pytest.warns(UserWarning, match=r"Conv1d 'conv' .*test_integrity.py.* rank 3, but forward gave it rank 2"):
         model(x)
     pruner.step()

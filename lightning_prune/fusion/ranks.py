@@ -10,6 +10,7 @@ another rank than the one assumed.
 from __future__ import annotations
 
 import warnings
+import weakref
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -23,13 +24,16 @@ if TYPE_CHECKING:
 class RankProbe:
     """A forward pre-hook noting the rank of a module's first positional input (every rank seen, in order); the
     first rank other than the assumed one is warned about at once, so a training run learns it at its first step
-    rather than at ``prune()``."""
+    rather than at ``prune()``. It watches one module: in a deep copy of the model (which copies hooks) it is silent."""
 
-    def __init__(self, where: str, rank: int) -> None:
+    def __init__(self, module: torch.nn.Module, where: str, rank: int) -> None:
+        self.module = weakref.ref(module)  # copy.deepcopy keeps a weakref as it is
         self.where, self.rank = where, rank
         self.seen: list[int] = []
 
     def __call__(self, module: torch.nn.Module, args: tuple[Any, ...]) -> None:
+        if module is not self.module():
+            return
         if args and isinstance(args[0], torch.Tensor) and args[0].dim() not in self.seen:
             self.seen.append(args[0].dim())
             if args[0].dim() != self.rank:
@@ -44,7 +48,7 @@ def attach_rank_probes(plan: PruningPlan) -> None:
         if (id(module), rank) in probed:  # a module called twice: one probe sees both calls
             continue
         probed.add((id(module), rank))
-        probe = RankProbe(where, rank)
+        probe = RankProbe(module, where, rank)
         plan.rank_probes.append((probe, module.register_forward_pre_hook(probe)))
 
 
