@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import os
 import re
-from collections.abc import Callable, Mapping, MutableMapping
+from collections.abc import Mapping, MutableMapping
 from typing import Any
 
 import torch
@@ -25,6 +25,7 @@ from torch import nn
 
 from lightning_prune.errors import PruningConfigError
 from lightning_prune.fusion.rules import LayerRule, registry, rule_for
+from lightning_prune.fusion.surgery import Surgery
 from lightning_prune.masks import bake_masks, has_masks
 from lightning_prune.sparsifier import BaseStructuredSparsifier
 
@@ -318,16 +319,14 @@ def load_pruned(model: nn.Module, checkpoint: str | os.PathLike | Mapping[str, A
                      "this masked checkpoint" if masked else "this checkpoint")
     if strict and not masked:
         _refuse_other_keys(model, state_dict)
-    undo = _structure(model)
-    try:
+    with Surgery() as surgery:  # any error puts the model's structure back
+        for module in model.modules():
+            surgery.keep_structure(module)
         if masked:
             fuse_masked(model, state_dict, example_inputs=getattr(model, "example_input_array", None), strict=strict)
         else:
             resize_to(model, state_dict)
             model.load_state_dict(state_dict, strict=strict)
-    except Exception:
-        undo()
-        raise
     return model
 
 
@@ -364,25 +363,6 @@ def _refuse_other_keys(model: nn.Module, state_dict: Mapping[str, torch.Tensor])
         raise PruningConfigError(
             f"this checkpoint's keys do not fit {type(model).__name__}: {differ} (nothing was changed). Build the "
             "model with the architecture that wrote it, or pass strict=False to load the keys that fit")
-
-
-def _structure(model: nn.Module) -> Callable[[], None]:
-    """A function that puts back every module's class, attributes, parameters, buffers and submodules as they are
-    now (tensors replaced by resizing come back; the model keeps its architecture after a failed load)."""
-    saved = [(m, m.__class__, dict(m.__dict__), dict(m._parameters), dict(m._buffers), dict(m._modules))
-             for m in model.modules()]
-
-    def undo() -> None:
-        for module, cls, attributes, parameters, buffers, modules in saved:
-            module.__class__ = cls
-            module.__dict__.clear()
-            module.__dict__.update(attributes)
-            for table, entries in ((module._parameters, parameters), (module._buffers, buffers),
-                                   (module._modules, modules)):
-                table.clear()
-                table.update(entries)
-
-    return undo
 
 
 # -- the StructuredPruning callback's load pre-hook -------------------------------------------------------------

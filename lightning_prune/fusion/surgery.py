@@ -120,6 +120,21 @@ class Surgery:
 
         self._undo.append(undo)
 
+    def keep_structure(self, module: nn.Module) -> None:
+        """Record what an edit made outside this journal may replace (``load_pruned`` resizing a model): the
+        module's class, plain attributes, and which parameters, buffers and submodules it holds (not their values)."""
+        self.snapshot(module)
+        cls = module.__class__
+        tables = [(table, dict(table)) for table in (module._parameters, module._buffers, module._modules)]
+
+        def undo() -> None:
+            module.__class__ = cls
+            for table, entries in tables:
+                table.clear()
+                table.update(entries)
+
+        self._undo.append(undo)
+
     def narrow(self, old: torch.Tensor, keeps: dict[int, torch.Tensor]) -> torch.Tensor:
         """A view of ``old`` holding only the indices ``keeps[dim]`` (ascending) along each dim.
 
