@@ -26,7 +26,7 @@ from torch import nn
 from lightning_prune.errors import PruningConfigError
 from lightning_prune.fusion.rules import LayerRule, registry, rule_for
 from lightning_prune.fusion.surgery import Surgery
-from lightning_prune.masks import bake_masks, has_masks
+from lightning_prune.masks import bake_masks, has_masks_anywhere
 from lightning_prune.sparsifier import BaseStructuredSparsifier
 
 _MASK_KEY = re.compile(r"^(?P<module>.+)\.parametrizations\.(?P<tensor>[^.]+)\.0\.mask$")
@@ -122,10 +122,6 @@ def strip_masks(model: nn.Module) -> None:
     """Remove every pruning parametrization, keeping the unmasked tensors (they are about to be overwritten)."""
     for module in model.modules():
         bake_masks(module, keep_masked_values=False)
-
-
-def has_masks_anywhere(model: nn.Module) -> bool:
-    return any(has_masks(module) for module in model.modules())
 
 
 def resize_to(model: nn.Module, state_dict: Mapping[str, torch.Tensor], prefix: str = "") -> list[str]:

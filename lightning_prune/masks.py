@@ -132,3 +132,8 @@ def has_masks(module: nn.Module) -> bool:
         for plist in module.parametrizations.values()
         for p in plist
     )
+
+
+def has_masks_anywhere(model: nn.Module) -> bool:
+    """Whether any module of ``model`` carries a pruning mask."""
+    return any(has_masks(module) for module in model.modules())

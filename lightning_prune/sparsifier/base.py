@@ -24,7 +24,7 @@ from lightning_prune.fusion.plan import Member, PruningPlan, analyse
 from lightning_prune.fusion.ranks import attach_rank_probes, remove_rank_probes
 from lightning_prune.fusion.rules import Rule, rules_scope
 from lightning_prune.inputs import as_call
-from lightning_prune.masks import has_masks
+from lightning_prune.masks import has_masks_anywhere
 from lightning_prune.selection import check_patterns_match
 from lightning_prune.sparsifier.config import (
     DEFAULTS,
@@ -292,7 +292,3 @@ class BaseStructuredSparsifier(abc.ABC):
 
 def _mask_of(group: dict[str, Any]) -> torch.Tensor:
     return getattr(group["module"].parametrizations, group["tensor_name"])[0].mask
-
-
-def has_masks_anywhere(model: nn.Module) -> bool:
-    return any(has_masks(m) for m in model.modules())
