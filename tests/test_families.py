@@ -64,11 +64,12 @@ def test_per_row_pruner_masks_are_reconciled_across_groups_chunks_and_shuffles(f
 def test_resnext_grouped_conv_keeps_groups_and_prunes_the_same_positions_in_each() -> None:
     model = families.ResNeXt(width=32, depth=1, cardinality=4, image_size=16)
     pruner = lp.SaliencyPruner(sparsity_level=0.5)
+    assert [block.conv2[0].in_channels for block in model.body[1:]] == [16, 32, 64]
     prune_family(model, pruner)
-    for block in model.body[1:]:
+    for block, dense in zip(model.body[1:], [16, 32, 64], strict=True):
         grouped = block.conv2[0]
         assert grouped.groups == 4 and grouped.in_channels == grouped.out_channels == block.conv1[0].out_channels
-        assert grouped.in_channels in (8, 16, 32), "half of each group's 4, 8 or 16 channels go"
+        assert grouped.in_channels == dense // 2, f"half of each group's {dense // 4} channels go"
         for fqn in (f"{name}.weight" for name, m in model.named_modules() if m is grouped or m is block.conv1[0]):
             parts = pruner.state[fqn]["mask"].reshape(4, -1)
             assert (parts == parts[:1]).all(), f"{fqn}: every group loses the same positions"
