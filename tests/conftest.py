@@ -1,10 +1,16 @@
-"""Shared fixtures: the devices the seed's tests run on, and a seeded RNG so failures reproduce."""
+"""Shared fixtures: the devices the seed's tests run on, a seeded RNG so failures reproduce, and rule registrations
+scoped to the test that makes them."""
 
 import random
+from collections.abc import Iterator
 
 import pytest
 import torch
 from hypothesis import settings
+
+import lightning_prune as lp
+from lightning_prune.fusion.rules import registry
+from tests import custom_layers
 
 DEVICES = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
 
@@ -25,3 +31,36 @@ def _seeded() -> None:
     """Every test starts from the same random state, so a failing draw is the same draw on rerun."""
     random.seed(0)
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _rules_stay_put() -> Iterator[None]:
+    """No test leaves a rule registered (or a rules scope open) behind: registrations go through ``rules``. A test
+    that registers globally fails, and the registry is put back so the tests after it see the built-in rules."""
+    outside = registry.active()
+    assert outside.parent is None, "a rules scope was left open before this test"
+    tables = (outside.modules, outside.functions, outside.names)
+    before = [dict(table) for table in tables]
+    yield
+    changed = sorted({repr(key) for table, saved in zip(tables, before, strict=True)
+                      for key in table.keys() | saved.keys() if table.get(key) is not saved.get(key)})
+    for table, saved in zip(tables, before, strict=True):
+        table.clear()
+        table.update(saved)
+    assert registry.active() is outside, "the test left a rules scope open"
+    assert not changed, f"the test registered rules globally for {changed}: register them inside the `rules` fixture"
+
+
+@pytest.fixture
+def rules(_rules_stay_put) -> Iterator[registry.Registry]:
+    """A rules scope for the test: whatever it registers (``lp.register_layer``, ``lp.register_function``) is undone
+    when it ends."""
+    with lp.rules_scope() as scope:
+        yield scope
+
+
+@pytest.fixture
+def custom_layer_rules(rules) -> None:
+    """The rules of tests/custom_layers.py's ScaledLinear and Scale, registered for this test only."""
+    for layer, rule in custom_layers.RULES.items():
+        lp.register_layer(layer, rule)

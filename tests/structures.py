@@ -226,3 +226,15 @@ class ConvWhere(nn.Module):
         h = torch.where(h > 0, h, 0.1 * h)
         h = torch.where(h.gt(0.2), h, torch.zeros_like(h)) + (h <= 1).float()
         return self.conv2(torch.where(h != 0, h, 1.5))
+
+
+class Conv1dToLinear(nn.Module):
+    """A temporal Conv1d over (B, C, T), transposed to (B, T, C) for a Linear over its channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(8, 16, 3, padding=1)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(F.relu(self.conv(x)).transpose(1, 2))

@@ -22,6 +22,8 @@ from benchmarks import models as archs
 from lightning_prune.fusion import rules as R
 from lightning_prune.measure import count_params
 from tests.checks import assert_outputs_match, randomize_norms
+from tests.custom_layers import Scale, ScaledLinear
+from tests.pruners import RandomRowPruner
 
 #: name -> (small model factory, max pruned/dense param ratio with prune_bias True, and False). Keeping biases
 #: keeps the channels whose constant bias meets zero padding (DESIGN, bias semantics), so those bounds are looser.
@@ -122,15 +124,6 @@ def test_resnet18_residual_stream_is_one_coupled_group_per_stage() -> None:
     for stream, width in zip(stages, (4, 8, 16, 32), strict=True):
         modules = [model.get_submodule(fqn.removesuffix(".weight")) for fqn in stream]
         assert [m.out_channels for m in modules] == [width] * len(modules)
-
-
-class RandomRowPruner(lp.BaseStructuredSparsifier):
-    """A custom per-tensor pruner: coupled members disagree, so the base class must reconcile them."""
-
-    def update_mask(self, module, tensor_name, sparsity_level, **kwargs):
-        mask = getattr(module.parametrizations, tensor_name)[0].mask
-        mask.fill_(True)
-        mask[torch.randperm(mask.numel())[: int(mask.numel() * sparsity_level)]] = False
 
 
 def test_resnet18_custom_pruner_masks_are_reconciled_across_the_residual_stream() -> None:
@@ -245,55 +238,6 @@ def test_include_and_exclude_regexes_select_layers() -> None:
 
 
 # -- extensibility ----------------------------------------------------------------------------------------------
-class ScaledLinear(nn.Module):
-    """A user's layer holding its own weight and bias: ``scale * (x @ weight.T) + bias``."""
-
-    def __init__(self, n_in: int, n_out: int, scale: float = 2.0):
-        super().__init__()
-        self.weight = nn.Parameter(torch.randn(n_out, n_in) / n_in**0.5)
-        self.bias = nn.Parameter(torch.randn(n_out))
-        self.scale = scale
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.scale * F.linear(x, self.weight) + self.bias
-
-
-class ScaledLinearRule(R.LayerRule):
-    channel_dim = -1
-
-    def in_channels(self, module: ScaledLinear) -> int:
-        return module.weight.shape[1]
-
-    def out_channels(self, module: ScaledLinear) -> int:
-        return module.weight.shape[0]
-
-    def fold(self, module, removed, values):
-        return module.scale * module.weight[:, removed].to(values.dtype) @ values
-
-
-class Scale(nn.Module):
-    """A user's per-channel scale over NC... tensors."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.gain = nn.Parameter(torch.rand(channels) + 0.5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.gain.view(1, -1, *([1] * (x.dim() - 2)))
-
-
-class ScaleRule(R.ChannelwiseRule):
-    def channel_tensors(self, module: Scale) -> list[str]:
-        return ["gain"]
-
-    def const_map(self, module: Scale, values: torch.Tensor) -> tuple[torch.Tensor, bool]:
-        return values * module.gain.detach().to(values.dtype), False
-
-
-lp.register_layer(ScaledLinear, ScaledLinearRule())
-lp.register_layer(Scale, ScaleRule())
-
-
 class CustomLayersNet(nn.Module):
     def __init__(self):
         super().__init__()
@@ -312,7 +256,7 @@ class CustomLayersNet(nn.Module):
 
 
 @pytest.mark.parametrize("prune_bias", [True, False], ids=["prune_bias", "keep_bias"])
-def test_registered_custom_layers_prune_exactly(prune_bias: bool) -> None:
+def test_registered_custom_layers_prune_exactly(prune_bias: bool, custom_layer_rules) -> None:
     model = CustomLayersNet()
     pruner = prune_exactly(model, config_for("conv.weight", "fc1.weight", "fc2.weight"), prune_bias)
     assert model.conv.out_channels == model.scale.gain.numel() == 4

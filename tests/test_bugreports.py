@@ -15,7 +15,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 import lightning_prune as lp
-from tests.test_shapes import Conv1dToLinear, prune
+from tests.pruners import prune
+from tests.structures import Conv1dToLinear
 
 
 # -- 03: PReLU after a pruned conv (distiller #409) --------------------------------------------------------------

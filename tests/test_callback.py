@@ -8,107 +8,32 @@ import itertools
 import os
 from unittest import mock
 
-import lightning.pytorch as pl
 import pytest
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
-from torch import nn
 from torch.nn.utils import parametrize
-from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_prune.callback import StructuredPruning
 from lightning_prune.errors import PruningConfigError, UnsupportedPatternError
 from lightning_prune.measure import count_params
 from lightning_prune.sparsifier import SaliencyPruner
-
-IN, HIDDEN, CLASSES = 8, 16, 3
-BATCHES_PER_EPOCH = 4
-
-
-class TinyClassifier(pl.LightningModule):
-    """8 -> 16 -> 16 -> 3; with ``config=None`` the two hidden layers are pruned, the classifier is kept."""
-
-    def __init__(self, softmax_inside: bool = False):
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(IN, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, HIDDEN), nn.ReLU(),
-                                 nn.Linear(HIDDEN, CLASSES))
-        self.softmax_inside = softmax_inside
-        self.test_widths: list[int] = []
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.softmax_inside:  # the hidden channels meet a softmax: they cannot be removed exactly
-            x = torch.softmax(self.net[0](x), dim=-1)
-            return self.net[4](self.net[3](self.net[2](x)))
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return F.cross_entropy(self(x), y)
-
-    def validation_step(self, batch, batch_idx):
-        x, y = batch
-        self.log("val_loss", F.cross_entropy(self(x), y))
-
-    def test_step(self, batch, batch_idx):
-        x, y = batch
-        self.test_widths.append(self.net[0].out_features)
-        self.log("test_loss", F.cross_entropy(self(x), y))
-
-    def predict_step(self, batch, batch_idx):
-        return self(batch[0])
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
-
-
-def loader(batches: int = BATCHES_PER_EPOCH, seed: int = 0) -> DataLoader:
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(batches * 8, IN, generator=generator)
-    y = torch.randint(0, CLASSES, (batches * 8,), generator=generator)
-    return DataLoader(TensorDataset(x, y), batch_size=8)
-
-
-def probe() -> torch.Tensor:
-    return torch.randn(5, IN, generator=torch.Generator().manual_seed(1))
-
-
-def trainer_for(tmp_path, callbacks, **overrides) -> pl.Trainer:
-    options = {"accelerator": "cpu", "devices": 1, "max_epochs": 1, "logger": False, "enable_progress_bar": False,
-               "enable_model_summary": False, "enable_checkpointing": False, "default_root_dir": tmp_path,
-               "num_sanity_val_steps": 0, **overrides}
-    return pl.Trainer(callbacks=callbacks, **options)
-
-
-def pruning(sparsity: float = 0.5, **kwargs) -> StructuredPruning:
-    return StructuredPruning(SaliencyPruner(sparsity_level=sparsity), **kwargs)
-
-
-def outputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    model.eval()
-    with torch.no_grad():
-        return model(x)
-
-
-def assert_shrunk(model: TinyClassifier) -> None:
-    """Both hidden layers lost half their channels; the classifier kept its classes; no masks remain."""
-    first, second, head = model.net[0], model.net[2], model.net[4]
-    assert (first.in_features, first.out_features) == (IN, HIDDEN // 2)
-    assert (second.in_features, second.out_features) == (HIDDEN // 2, HIDDEN // 2)
-    assert (head.in_features, head.out_features) == (HIDDEN // 2, CLASSES)
-    assert first.weight.shape == (HIDDEN // 2, IN) and head.weight.shape == (CLASSES, HIDDEN // 2)
-    assert not any(parametrize.is_parametrized(m) for m in model.modules())
-    assert not any(".parametrizations." in key for key in model.state_dict())
-
-
-class BatchCounter(Callback):
-    def __init__(self):
-        self.batches = 0
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.batches += 1
+from tests.runs import (
+    BATCHES_PER_EPOCH,
+    CLASSES,
+    HIDDEN,
+    BatchCounter,
+    CorruptingPruner,
+    SparsityRecorder,
+    TinyClassifier,
+    assert_shrunk,
+    loader,
+    outputs,
+    probe,
+    pruning,
+    trainer_for,
+)
 
 
 class MaskedSnapshot(Callback):
@@ -141,16 +66,6 @@ def test_fit_shrinks_the_module_in_place(tmp_path):
     torch.testing.assert_close(outputs(model, probe()), snapshot.outputs, atol=1e-5, rtol=1e-5)
     predictions = trainer.predict(model, loader(1))
     assert predictions[0].shape == (8, CLASSES)
-
-
-class CorruptingPruner(SaliencyPruner):
-    """Fusion that changes one hidden unit's bias: what verify is there to catch."""
-
-    def prune(self):
-        model = super().prune()
-        with torch.no_grad():
-            model.net[2].bias.add_(1.0)
-        return model
 
 
 def test_verify_raises_when_fusion_changes_the_output(tmp_path):
@@ -236,25 +151,6 @@ def test_config_and_include_together_are_refused():
 
 
 # --- the schedule -------------------------------------------------------------------------------------------
-
-
-class SparsityRecorder(Callback):
-    """Placed after StructuredPruning: the fraction of masked rows after each training batch."""
-
-    def __init__(self, pruning_callback: StructuredPruning):
-        self.pruning = pruning_callback
-        self.fractions: list[float] = []
-        self.at_sanity_end: float | None = None
-
-    def _fraction(self) -> float:
-        masks = [state["mask"] for state in self.pruning.pruner.state.values()]
-        return sum(int((~m).sum()) for m in masks) / sum(m.numel() for m in masks)
-
-    def on_sanity_check_end(self, trainer, pl_module):
-        self.at_sanity_end = self._fraction()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.fractions.append(self._fraction())
 
 
 def test_linear_schedule_ramps_masks_to_the_target(tmp_path):
@@ -390,7 +286,6 @@ def test_sync_batchnorm_is_refused_at_setup(tmp_path):
     trainer.strategy._layer_sync = object()  # what Trainer(sync_batchnorm=True) sets; it needs a GPU to construct
     with pytest.raises(PruningConfigError, match="sync_batchnorm"):
         trainer.fit(TinyClassifier(), loader())
-
 
 
 def test_setup_logs_the_plan_as_a_table(tmp_path, caplog):

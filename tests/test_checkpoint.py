@@ -16,16 +16,7 @@ from torch.nn.utils import parametrize
 import lightning_prune as lp
 from lightning_prune.checkpoint import dense_view, is_masked
 from lightning_prune.measure import count_params
-from tests.test_callback import (
-    TinyClassifier,
-    assert_shrunk,
-    loader,
-    outputs,
-    probe,
-    pruning,
-    trainer_for,
-)
-from tests.test_workflows import logged
+from tests.runs import TinyClassifier, assert_shrunk, loader, logged, outputs, probe, pruning, trainer_for
 
 
 class ReloadableClassifier(TinyClassifier):

@@ -6,13 +6,12 @@ a temporary directory and started as a subprocess; each rank saves what the test
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import torch
+
+from tests.runs import run_ddp_script
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -95,22 +94,6 @@ SCRIPT = textwrap.dedent(
         torch.distributed.destroy_process_group()  # exit with no gloo thread left running
     '''
 )
-
-
-def run_ddp_script(tmp_path, source: str) -> subprocess.CompletedProcess:
-    """Run a 2-rank DDP script in a fresh process (Lightning re-launches it per rank) with a clean DDP env.
-
-    The scripts end with ``torch.distributed.destroy_process_group()``: a process that exits while the gloo
-    process group's threads still run can die in std::terminate ("terminate called without an active exception",
-    return code -6), now and then, after all its work is done.
-    """
-    script = tmp_path / "ddp_script.py"
-    script.write_text(source)
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK")}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    return subprocess.run([sys.executable, str(script), str(tmp_path)], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=180)
 
 
 def test_ddp_ranks_with_differently_seeded_pruners_end_identical(tmp_path):

@@ -20,8 +20,7 @@ import lightning_prune as lp
 from benchmarks import families
 from lightning_prune.measure import count_macs
 from tests.checks import assert_outputs_match, randomize_norms, step_and_prune_exactly
-from tests.test_architectures import RandomRowPruner
-from tests.test_shapes import prune
+from tests.pruners import RandomRowPruner, prune
 
 #: family -> (a small replica, the most MACs it may keep at 50%; Torch-Pruning's result is 0.25 to 0.3)
 FAMILIES: dict[str, tuple[Callable[[], nn.Module], float]] = {

@@ -17,7 +17,7 @@ from lightning_prune import (
     StructuredPruning,
     TaylorPruner,
 )
-from tests.test_ddp import run_ddp_script
+from tests.runs import run_ddp_script
 
 SCRIPT = textwrap.dedent(
     '''

@@ -9,7 +9,7 @@ from torch import nn
 
 import lightning_prune as lp
 from tests.checks import randomize_norms, step_and_prune_exactly
-from tests.test_callback import CLASSES, HIDDEN, TinyClassifier, loader, probe, pruning, trainer_for
+from tests.runs import CLASSES, HIDDEN, TinyClassifier, loader, probe, pruning, trainer_for
 
 
 def conv_bn() -> nn.Module:

@@ -137,12 +137,12 @@ def test_a_pruner_can_carry_its_own_rules_for_layers_and_functions() -> None:
 
 
 @pytest.mark.parametrize("bad", [(int, lp.ElementwiseRule()), (nn.Linear, "rule")])
-def test_register_layer_refuses_what_is_not_a_module_type_and_a_rule(bad) -> None:
+def test_register_layer_refuses_what_is_not_a_module_type_and_a_rule(bad, rules) -> None:
     with pytest.raises(lp.PruningConfigError, match="register_layer expects"):
         lp.register_layer(*bad)
 
 
-def test_register_function_refuses_a_non_rule() -> None:
+def test_register_function_refuses_a_non_rule(rules) -> None:
     with pytest.raises(lp.PruningConfigError, match="register_function expects a Rule"):
         lp.register_function(F.relu, object())
 

@@ -19,6 +19,7 @@ from torch.nn.utils import parametrize
 
 import lightning_prune as lp
 from tests.checks import assert_outputs_match, randomize_norms, step_and_prune_exactly
+from tests.pruners import RandomRowPruner
 
 OPS = ("conv", "norm", "act", "residual", "reuse", "tie", "branch_cat", "gate", "pool", "leaf")
 
@@ -89,14 +90,6 @@ class RandomNet(nn.Module):
         return self.head(pooled)
 
 
-class RandomRowPruner(lp.BaseStructuredSparsifier):
-    """Masks random rows of every tensor: coupled members disagree, so fusion must reconcile them exactly."""
-
-    def update_mask(self, module, tensor_name, **kwargs):
-        mask = getattr(module.parametrizations, tensor_name)[0].mask
-        mask.copy_(torch.rand(mask.shape) > 0.5)
-
-
 def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in model.state_dict().items()}
 
@@ -123,7 +116,7 @@ def test_random_net_is_pruned_exactly_or_refused_unchanged(plan, unbatched, shap
     if config == []:
         config = None
     pruner = (lp.SaliencyPruner(sparsity_level=0.5, prune_bias=prune_bias) if scoring
-              else RandomRowPruner({"prune_bias": prune_bias}))
+              else RandomRowPruner({"prune_bias": prune_bias, "coin_per_row": True}))
     example = (x,) if shapes else None
     dense, before = unique_params(model), snapshot(model)
     with torch.no_grad():

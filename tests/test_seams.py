@@ -80,14 +80,13 @@ def test_a_subclass_that_overrides_forward_is_not_read_as_its_base_layer() -> No
         lp.SaliencyPruner(sparsity_level=0.5).prepare(model, [{"tensor_fqn": "0.weight"}])
 
 
-def test_a_subclass_registered_with_its_base_layers_rule_prunes_exactly() -> None:
+def test_a_subclass_registered_with_its_base_layers_rule_prunes_exactly(rules) -> None:
     model = nn.Sequential(ScaledLinear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
     x = torch.randn(3, 8)
-    with lp.rules_scope():
-        lp.register_layer(ScaledLinear, nn.Linear)
-        pruner = lp.SaliencyPruner(sparsity_level=0.5)
-        pruner.prepare(model, [{"tensor_fqn": "0.weight"}])
-        step_and_prune_exactly(pruner, model, x)
+    lp.register_layer(ScaledLinear, nn.Linear)
+    pruner = lp.SaliencyPruner(sparsity_level=0.5)
+    pruner.prepare(model, [{"tensor_fqn": "0.weight"}])
+    step_and_prune_exactly(pruner, model, x)
     assert model[0].out_features == 8 and model[2].in_features == 8
 
 
@@ -103,8 +102,8 @@ def test_subclasses_are_followed_through_their_forward_or_read_as_the_base(layer
     assert (model[0].out_channels if conv else model[0].out_features) == 8
 
 
-def test_register_layer_with_a_type_that_has_no_rule_says_so() -> None:
-    with lp.rules_scope(), pytest.raises(lp.PruningConfigError, match="Module has no rule to share"):
+def test_register_layer_with_a_type_that_has_no_rule_says_so(rules) -> None:
+    with pytest.raises(lp.PruningConfigError, match="Module has no rule to share"):
         lp.register_layer(ScaledLinear, nn.Module)
 
 

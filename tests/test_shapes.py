@@ -21,8 +21,8 @@ from torch import fx, nn
 
 import lightning_prune as lp
 from benchmarks.families import StochasticDepth, stochastic_depth
-from tests.checks import randomize_norms, step_and_prune_exactly
-from tests.test_exactness import make_pruner, prune_and_compare
+from tests.pruners import make_pruner, prune, prune_and_compare
+from tests.structures import Conv1dToLinear
 
 
 class Between(nn.Module):
@@ -50,18 +50,6 @@ class LinearToConv1d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(self.move(F.silu(self.fc(x))))
-
-
-class Conv1dToLinear(nn.Module):
-    """A temporal Conv1d over (B, C, T), transposed to (B, T, C) for a Linear over its channels."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv1d(8, 16, 3, padding=1)
-        self.fc = nn.Linear(16, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(F.relu(self.conv(x)).transpose(1, 2))
 
 
 class ConvNeXtBlock(nn.Module):
@@ -199,18 +187,6 @@ def test_structure_prunes_exactly_with_shapes(case: Case, pruner_kind: str, prun
     narrows = case.tensors if prune_bias or case.narrows_with_bias_kept else ()
     prune_and_compare(case.model(), make_pruner(pruner_kind, prune_bias), case.tensors,
                       torch.randn(case.input_shape), narrows, case.tensors if case.rows_coupled else (), shapes=True)
-
-
-def prune(model: nn.Module, config: list[str], x: torch.Tensor, prune_bias: bool = True,
-          shapes: bool = True) -> lp.SaliencyPruner:
-    """Prepare (with ``x`` as example input when ``shapes``), step at 50%, prune; the pruned output must equal the
-    masked one."""
-    randomize_norms(model)
-    model.eval()
-    pruner = lp.SaliencyPruner(sparsity_level=0.5, prune_bias=prune_bias)
-    pruner.prepare(model, [{"tensor_fqn": fqn} for fqn in config], example_inputs=(x,) if shapes else None)
-    step_and_prune_exactly(pruner, model, x)
-    return pruner
 
 
 def test_groupnorm_loses_whole_groups_and_keeps_their_size() -> None:

@@ -15,8 +15,17 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from lightning_prune.errors import PruningConfigError
 from lightning_prune.measure import count_params
-from tests.test_callback import HIDDEN, TinyClassifier, assert_shrunk, loader, outputs, probe, pruning, trainer_for
-from tests.test_ddp import run_ddp_script
+from tests.runs import (
+    HIDDEN,
+    TinyClassifier,
+    assert_shrunk,
+    loader,
+    outputs,
+    probe,
+    pruning,
+    run_ddp_script,
+    trainer_for,
+)
 
 EPOCHS = 4  # 16 optimizer steps of 4 batches per epoch; the ramp in ``run`` ticks every 2 steps until step 12
 
@@ -261,4 +270,3 @@ def test_ddp_ranks_stay_identical_through_mid_fit_shrinks(tmp_path):
     assert weights0["net.0.weight"].shape == (8, 8) and weights0["net.4.weight"].shape == (3, 8)
     for key in weights0:
         assert torch.equal(weights0[key], weights1[key]), key
-

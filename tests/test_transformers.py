@@ -12,12 +12,18 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_prune import FPGMPruner, SaliencyPruner, load_pruned
+from lightning_prune import FPGMPruner, SaliencyPruner, load_pruned, register_layer
 from lightning_prune.errors import UnsupportedPatternError
 from lightning_prune.fusion.rules.mha import PrunedMultiheadAttention
 from lightning_prune.measure import count_macs
 from tests import transformer_models as tm
 from tests.checks import assert_outputs_match
+
+
+@pytest.fixture(autouse=True)
+def _export_only_heads(rules) -> None:
+    """The rule a user registers for the hand-written ExportOnlyAttention, for each test here only."""
+    register_layer(tm.ExportOnlyAttention, tm.ExportOnlyHeads())
 
 
 def _layers(model: nn.Module, kind: str) -> list[nn.Module]:

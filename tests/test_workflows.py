@@ -3,12 +3,9 @@ outputs of any shape, strategies refused up front, and nothing left on the modul
 
 from __future__ import annotations
 
-import contextlib
 import io
-import logging
 import re
 import warnings
-from collections.abc import Iterator
 
 import lightning.pytorch as pl
 import pytest
@@ -22,7 +19,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_prune.callback import StructuredPruning
 from lightning_prune.errors import PruningConfigError
 from lightning_prune.measure import count_params
-from tests.test_callback import (
+from tests.custom_layers import Scale
+from tests.runs import (
     BATCHES_PER_EPOCH,
     CLASSES,
     HIDDEN,
@@ -33,25 +31,12 @@ from tests.test_callback import (
     TinyClassifier,
     assert_shrunk,
     loader,
+    logged,
     outputs,
     probe,
     pruning,
     trainer_for,
 )
-
-
-@contextlib.contextmanager
-def logged(logger_name: str) -> Iterator[list[logging.LogRecord]]:
-    """The records a logger emits inside the block (Lightning's loggers do not propagate to pytest's caplog)."""
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    logger = logging.getLogger(logger_name)
-    logger.addHandler(handler)
-    try:
-        yield records
-    finally:
-        logger.removeHandler(handler)
 
 
 def ours(caught: list[warnings.WarningMessage]) -> list[str]:
@@ -357,8 +342,6 @@ class WithCustomScale(pl.LightningModule):
 
     def __init__(self):
         super().__init__()
-        from tests.test_architectures import Scale  # registers Scale's rule
-
         self.conv, self.scale, self.head = nn.Conv2d(3, 8, 3, padding=1), Scale(8), nn.Linear(8, CLASSES)
 
     def forward(self, x):
@@ -371,7 +354,7 @@ class WithCustomScale(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def test_the_fused_summary_lists_every_layer_whose_width_changed(tmp_path):
+def test_the_fused_summary_lists_every_layer_whose_width_changed(tmp_path, custom_layer_rules):
     images = TensorDataset(torch.randn(16, 3, 6, 6), torch.randint(0, CLASSES, (16,)))
     with logged("lightning.pytorch.utilities.rank_zero") as records:
         trainer_for(tmp_path, [pruning()]).fit(WithCustomScale(), DataLoader(images, batch_size=8))
