@@ -21,16 +21,15 @@ from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
 from lightning_prune import inputs
+from lightning_prune.arguments import check_arguments, check_flag, checked_config, checked_patterns
 from lightning_prune.checkpoint import DetachingHook, reshape_for_load, stale_best_checkpoints
 from lightning_prune.errors import OutputReachedError, PruningConfigError
 from lightning_prune.fusion.plan import PruningPlan
 from lightning_prune.measure import count_params
 from lightning_prune.optim import carry_optimizer_state
 from lightning_prune.schedule import SparsityScheduler
-from lightning_prune.selection import check_arguments, checked_config, checked_patterns
 from lightning_prune.setup_checks import example_input, refuse_unsupported
 from lightning_prune.sparsifier import BaseStructuredSparsifier, StatisticsPruner
-from lightning_prune.sparsifier.config import check_flag
 from lightning_prune.sparsifier.explain import explain
 from lightning_prune.sparsifier.statistics import mean_over_ranks
 from lightning_prune.verify import fusion_summary, snapshot, try_forward, verdict
@@ -124,7 +123,7 @@ class StructuredPruning(Callback):
         self._stage = stage
         if stage == "fit":
             refuse_unsupported(trainer)
-        if self._hook is None:  # so that any checkpoint loads into the module, masked or fused (see checkpoint.py)
+        if self._hook is None:  # so that any checkpoint loads into the module, masked or fused (see checkpoint/)
             self._hook = pl_module.register_load_state_dict_pre_hook(DetachingHook(self._before_load))
         if self._module_id is not None and self._module_id != id(pl_module):
             raise PruningConfigError(

@@ -17,6 +17,16 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from lightning_prune.arguments import (
+    DEFAULTS,
+    RESERVED,
+    check_flag,
+    check_group,
+    check_patterns_match,
+    config_fqns,
+    fqn_filter,
+    resolve_tensor,
+)
 from lightning_prune.errors import PrunerStateError, PruningConfigError
 from lightning_prune.fusion.apply import fuse
 from lightning_prune.fusion.attach import attach_masks
@@ -25,16 +35,6 @@ from lightning_prune.fusion.ranks import attach_rank_probes, remove_rank_probes
 from lightning_prune.fusion.rules import Rule, rules_scope
 from lightning_prune.inputs import as_call
 from lightning_prune.masks import has_masks_anywhere
-from lightning_prune.selection import check_patterns_match
-from lightning_prune.sparsifier.config import (
-    DEFAULTS,
-    RESERVED,
-    check_flag,
-    check_group,
-    config_fqns,
-    fqn_filter,
-    resolve_tensor,
-)
 
 
 class BaseStructuredSparsifier(abc.ABC):

@@ -6,17 +6,17 @@ from typing import Any
 
 from torch import nn
 
-from lightning_prune.errors import PruningConfigError
-from lightning_prune.fusion.plan import PruningPlan, analyse
-from lightning_prune.fusion.rules import Rule, rules_scope
-from lightning_prune.inputs import as_call
-from lightning_prune.sparsifier.config import (
+from lightning_prune.arguments import (
     check_flag,
     check_sparsity,
     config_fqns,
     fqn_filter,
     resolve_tensor,
 )
+from lightning_prune.errors import PruningConfigError
+from lightning_prune.fusion.plan import PruningPlan, analyse
+from lightning_prune.fusion.rules import Rule, rules_scope
+from lightning_prune.inputs import as_call
 
 
 def explain(

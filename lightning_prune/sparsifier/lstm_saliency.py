@@ -8,9 +8,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_prune.arguments import check_flag
 from lightning_prune.errors import PruningConfigError
 from lightning_prune.fusion.plan import PruningPlan
-from lightning_prune.sparsifier.config import check_flag
 from lightning_prune.sparsifier.saliency import SaliencyPruner
 
 
