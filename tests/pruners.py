@@ -28,11 +28,13 @@ class RandomRowPruner(BaseStructuredSparsifier):
 
 
 def make_pruner(kind: str, prune_bias: bool) -> BaseStructuredSparsifier:
+    """A SaliencyPruner (``kind="saliency"``) or a RandomRowPruner at 50%."""
     defaults = {"sparsity_level": 0.5, "prune_bias": prune_bias}
     return SaliencyPruner(defaults) if kind == "saliency" else RandomRowPruner(defaults)
 
 
 def rows(model: nn.Module, tensor_fqn: str) -> int:
+    """The rows (output channels) of a weight."""
     return model.get_parameter(tensor_fqn).shape[0]
 
 
