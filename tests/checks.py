@@ -1,9 +1,11 @@
-"""The exactness checks the tests share: outputs within 1e-5 relative, step-then-prune, norms far from identity."""
+"""The exactness checks the tests share: outputs within 1e-5 relative, step-then-prune, norms far from identity; and
+small readings of a model: a config naming tensors, its unique parameters, a copy of its state, whether masks remain."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 
 def assert_outputs_match(expected: torch.Tensor, actual: torch.Tensor, rtol: float = 1e-5) -> None:
@@ -38,3 +40,24 @@ def randomize_norms(model: nn.Module) -> None:
                 module.bias.uniform_(-1.0, 1.0)
             if isinstance(module, nn.PReLU):
                 module.weight.uniform_(0.05, 0.5)
+
+
+def config_for(*fqns: str) -> list[dict]:
+    """A pruner config naming ``fqns``, no hyper-parameters of their own."""
+    return [{"tensor_fqn": fqn} for fqn in fqns]
+
+
+
+def unique_params(model: nn.Module) -> int:
+    """Parameter count with each tied parameter counted once."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of every tensor of the state dict."""
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def masked(model: nn.Module) -> bool:
+    """Whether any module still carries a parametrization (a pruning mask)."""
+    return any(parametrize.is_parametrized(m) for m in model.modules())

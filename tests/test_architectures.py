@@ -21,7 +21,7 @@ import lightning_prune as lp
 from benchmarks import models as archs
 from lightning_prune.fusion import rules as R
 from lightning_prune.measure import count_params
-from tests.checks import assert_outputs_match, randomize_norms
+from tests.checks import assert_outputs_match, config_for, randomize_norms
 from tests.custom_layers import Scale, ScaledLinear
 from tests.pruners import RandomRowPruner
 
@@ -71,10 +71,6 @@ def prune_exactly(model: nn.Module, config: list[dict] | None = None, prune_bias
 
 def out_channels(module: nn.Module) -> int:
     return R.rule_for(module).out_channels(module)
-
-
-def config_for(*fqns: str) -> list[dict]:
-    return [{"tensor_fqn": fqn} for fqn in fqns]
 
 
 @pytest.mark.parametrize("prune_bias", [True, False], ids=["prune_bias", "keep_bias"])

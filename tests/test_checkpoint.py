@@ -11,11 +11,11 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
-from torch.nn.utils import parametrize
 
 import lightning_prune as lp
 from lightning_prune.checkpoint import dense_view, is_masked
 from lightning_prune.measure import count_params
+from tests.checks import masked
 from tests.runs import TinyClassifier, assert_shrunk, loader, logged, outputs, probe, pruning, trainer_for
 
 
@@ -24,10 +24,6 @@ class ReloadableClassifier(TinyClassifier):
 
     def on_load_checkpoint(self, checkpoint):
         lp.narrow_to_state_dict(self, checkpoint["state_dict"])
-
-
-def masked(model: nn.Module) -> bool:
-    return any(parametrize.is_parametrized(m) for m in model.modules())
 
 
 def fitted(tmp_path, module_cls=TinyClassifier):

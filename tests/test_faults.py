@@ -14,7 +14,7 @@ from lightning_prune.errors import PrunerStateError, PruningConfigError, Unsuppo
 from lightning_prune.masks import FakeStructuredSparsity
 from lightning_prune.sparsifier import BaseStructuredSparsifier, LSTMSaliencyPruner, SaliencyPruner
 from tests import models, structures
-from tests.checks import assert_outputs_match, randomize_norms
+from tests.checks import assert_outputs_match, randomize_norms, snapshot
 
 LINEAR_BIAS_CONFIG = [{"tensor_fqn": f"seq.{i}.weight"} for i in range(4)]
 CONV_BN_CONFIG = [{"tensor_fqn": "conv1.weight"}, {"tensor_fqn": "conv2.weight"}]
@@ -231,10 +231,6 @@ def test_only_untied_lstm_pruning_warns_approximate(tie_gates: bool):
 
 
 # --- bad input: a clear error, the model untouched ----------------------------------------------------------
-
-
-def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {name: tensor.clone() for name, tensor in model.state_dict().items()}
 
 
 def assert_untouched(model: nn.Module, before: dict[str, torch.Tensor]) -> None:

@@ -14,15 +14,7 @@ from torch.nn.utils import parametrize
 
 import lightning_prune as lp
 from lightning_prune.fusion.surgery import InjectedFault, inject_fault
-from tests.checks import assert_outputs_match, randomize_norms, step_and_prune_exactly
-
-
-def config_for(*fqns: str) -> list[dict]:
-    return [{"tensor_fqn": fqn} for fqn in fqns]
-
-
-def unique_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+from tests.checks import assert_outputs_match, config_for, randomize_norms, step_and_prune_exactly, unique_params
 
 
 def prune_exactly(model, config, x, exclude_output=False, **pruner_kwargs):

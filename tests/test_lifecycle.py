@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import lightning_prune as lp
-from tests.checks import randomize_norms, step_and_prune_exactly
+from tests.checks import masked, randomize_norms, step_and_prune_exactly
 from tests.runs import CLASSES, HIDDEN, TinyClassifier, loader, probe, pruning, trainer_for
 
 
@@ -53,10 +53,6 @@ def test_a_double_precision_run_narrows_the_running_statistics(tmp_path) -> None
     model.eval()
     with torch.no_grad():
         assert model(x).shape == (x.shape[0], CLASSES)
-
-
-def masked(model: nn.Module) -> bool:
-    return any(hasattr(m, "parametrizations") for m in model.modules())
 
 
 def test_one_callback_given_a_second_model_refuses_at_setup(tmp_path) -> None:

@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 import lightning_prune as lp
-from tests.checks import assert_outputs_match, randomize_norms, step_and_prune_exactly
+from tests.checks import assert_outputs_match, randomize_norms, snapshot, step_and_prune_exactly, unique_params
 from tests.pruners import RandomRowPruner
 
 OPS = ("conv", "norm", "act", "residual", "reuse", "tie", "branch_cat", "gate", "pool", "leaf")
@@ -88,14 +88,6 @@ class RandomNet(nn.Module):
                 x = out.t() if self.unbatched else out.permute(1, 2, 0).reshape(x.shape)
         pooled = x.mean(-1) if self.unbatched else x.mean((2, 3))
         return self.head(pooled)
-
-
-def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in model.state_dict().items()}
-
-
-def unique_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
 plans = st.lists(st.tuples(st.sampled_from(OPS), st.sampled_from([4, 6, 8]), st.integers(0, 11)), min_size=1,
