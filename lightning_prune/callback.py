@@ -20,7 +20,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zer
 from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
-from lightning_prune import inputs
+from lightning_prune import inputs, sharded
 from lightning_prune.arguments import check_arguments, check_flag, checked_config, checked_patterns
 from lightning_prune.checkpoint import DetachingHook, reshape_for_load, stale_best_checkpoints
 from lightning_prune.errors import OutputReachedError, PruningConfigError
@@ -123,6 +123,7 @@ class StructuredPruning(Callback):
         self._stage = stage
         if stage == "fit":
             refuse_unsupported(trainer)
+            sharded.refuse_unsupported(trainer, self.shrink_every_n_steps)
         if self._hook is None:  # so that any checkpoint loads into the module, masked or fused (see checkpoint/)
             self._hook = pl_module.register_load_state_dict_pre_hook(DetachingHook(self._before_load))
         if self._module_id is not None and self._module_id != id(pl_module):
@@ -207,7 +208,9 @@ class StructuredPruning(Callback):
         step = trainer.global_step
         if self.fused or not self.pruner.groups or step == self.scheduler.last_step:
             return
-        if self.scheduler.step(step):
+        with sharded.whole_weights(trainer, pl_module, self.scheduler, step):
+            ticked = self.scheduler.step(step)
+        if ticked:
             self._broadcast_masks(trainer)
             pl_module.log("pruning/sparsity", self.sparsity(), rank_zero_only=True)
         if self.shrink_every_n_steps and step % self.shrink_every_n_steps == 0 and \
@@ -269,7 +272,9 @@ class StructuredPruning(Callback):
         if self.fused or not self.prune_on_fit_end or not self.pruner.groups:
             return
         before = self.sparsity()
-        if self.scheduler.finish():  # whatever stopped training early, the target is reached before fusion
+        with sharded.whole_weights(trainer, pl_module, self.scheduler, None):
+            cut = self.scheduler.finish()
+        if cut:  # whatever stopped training early, the target is reached before fusion
             self._broadcast_masks(trainer)
             rank_zero_warn(
                 f"StructuredPruning: training stopped at step {trainer.global_step}, before the "
@@ -279,7 +284,8 @@ class StructuredPruning(Callback):
                 "the run is."
             )
         target = self.sparsity()
-        self.fuse(trainer, pl_module)
+        with sharded.unsharded(trainer, pl_module):
+            self.fuse(trainer, pl_module)
         for callback in trainer.checkpoint_callbacks:
             if isinstance(callback, ModelCheckpoint) and callback.last_model_path:
                 trainer.save_checkpoint(callback.last_model_path, weights_only=callback.save_weights_only)
@@ -295,7 +301,8 @@ class StructuredPruning(Callback):
             return
         rank_zero_warn(f"StructuredPruning: training did not run in this fit (global step {trainer.global_step}), so "
                        f"the masks as they are (sparsity {self.sparsity():.3f}) were fused without pruning further")
-        self.fuse(trainer, pl_module)
+        with sharded.unsharded(trainer, pl_module):
+            self.fuse(trainer, pl_module)
 
     def fuse(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Remove the masked channels in place, check the result, and report what changed.

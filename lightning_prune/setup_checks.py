@@ -16,8 +16,9 @@ from lightning_prune import inputs
 from lightning_prune.errors import PruningConfigError
 from lightning_prune.verify import try_forward
 
-_SHARDED = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
-_SUPPORTED = "Supported: single-device strategies and strategy='ddp' (also 'ddp_find_unused_parameters_true')."
+_SHARDED = (FSDPStrategy, DeepSpeedStrategy)
+_SUPPORTED = ("Supported: single-device strategies, strategy='ddp' (also 'ddp_find_unused_parameters_true') and "
+              "ModelParallelStrategy(tensor_parallel_size=1) with fully_shard (FSDP2) in configure_model.")
 _EXAMPLE_HINT = ("Set `self.example_input_array` in your LightningModule's __init__ to one input for forward(): a "
                  "tensor, a tuple of positional arguments or a dict of keyword arguments (Lightning's convention).")
 
@@ -28,8 +29,15 @@ def refuse_unsupported(trainer: pl.Trainer) -> None:
     strategy = trainer.strategy
     if isinstance(strategy, _SHARDED):
         raise PruningConfigError(
-            f"StructuredPruning does not support {type(strategy).__name__}: it shards parameters, so masks and "
-            f"fusion cannot see whole weights. {_SUPPORTED}"
+            f"StructuredPruning does not support {type(strategy).__name__}: it shards parameters its own way, so masks "
+            f"and fusion cannot see whole weights. {_SUPPORTED}"
+        )
+    tensor_parallel = getattr(strategy, "_tensor_parallel_size", 1)
+    if isinstance(strategy, ModelParallelStrategy) and tensor_parallel != 1:
+        raise PruningConfigError(
+            f"StructuredPruning does not support ModelParallelStrategy(tensor_parallel_size={tensor_parallel}): "
+            "tensor parallelism splits a layer's rows or columns across ranks inside one forward, which masks "
+            "and fusion do not follow. Use tensor_parallel_size=1 (data parallel FSDP2). " + _SUPPORTED
         )
     if isinstance(strategy.launcher, _MultiProcessingLauncher):
         raise PruningConfigError(
