@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch.distributed.tensor import DTensor
 from torch.utils.hooks import RemovableHandle
 
 from lightning_prune.errors import PruningConfigError
@@ -72,12 +73,17 @@ class TaylorPruner(StatisticsPruner):
         self.sample = "step"
 
     def observe(self) -> None:
-        """Take one sample from the ``.grad`` of the masked parameters (see ``sample="step"``)."""
+        """Take one sample from the ``.grad`` of the masked parameters (see ``sample="step"``). Parameters a strategy
+        replaced since ``prepare()`` are found again; sharded ones (FSDP2's DTensors) are read whole, so every rank
+        samples the full rows: a collective then, which every rank calls at the same step."""
         self._require_prepared("observe()")
+        self.plan.walk.refresh()
+        self._tensors = [(t, dim, labels) for t, dim, labels in masked_tensors(self) if t.requires_grad]
         self._take([t.grad for t, _, _ in self._tensors])
 
     def _take(self, grads: list[torch.Tensor | None]) -> None:
-        pairs = [(entry, g) for entry, g in zip(self._tensors, grads, strict=True) if g is not None]
+        pairs = [((_whole(t), dim, labels), _whole(g)) for (t, dim, labels), g in zip(self._tensors, grads, strict=True)
+                 if g is not None]
         if not pairs:
             return
         with torch.no_grad():
@@ -88,3 +94,8 @@ class TaylorPruner(StatisticsPruner):
                 sample.index_add_(0, labels[live].to(sample.device), per_index[live.to(per_index.device)])
                 seen[labels[live]] = True
             self.record(sample.square(), seen)
+
+
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    """A sharded tensor (a DTensor) gathered whole; any other tensor as it is."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
