@@ -12,7 +12,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
-from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.strategies import FSDPStrategy
 from torch.nn.utils import parametrize
 
 from lightning_prune.callback import StructuredPruning
@@ -246,21 +246,6 @@ def test_fit_called_twice(tmp_path):
 
 
 # --- strategies ---------------------------------------------------------------------------------------------
-
-
-def test_a_sharded_strategy_is_refused_at_setup(tmp_path):
-    counter = BatchCounter()
-    model = TinyClassifier()
-    trainer = trainer_for(tmp_path, [counter, pruning()], strategy=ModelParallelStrategy())
-    with mock.patch.dict(os.environ):  # the strategy sets MASTER_ADDR/PORT and starts a process group
-        try:
-            with pytest.raises(PruningConfigError, match="ModelParallelStrategy.*Supported"):
-                trainer.fit(model, loader())
-        finally:
-            if torch.distributed.is_initialized():
-                torch.distributed.destroy_process_group()
-    assert counter.batches == 0
-    assert not any(parametrize.is_parametrized(m) for m in model.modules())
 
 
 def test_a_subclass_of_fsdp_is_refused(tmp_path):

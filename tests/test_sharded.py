@@ -8,21 +8,26 @@ same script's ``fit(1)`` in-process for the one-process reference.
 
 from __future__ import annotations
 
+import runpy
+import sys
 import textwrap
 import types
+from pathlib import Path
+from unittest import mock
 
 import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 
-from lightning_prune import PruningConfigError, SaliencyPruner, StructuredPruning
+from torch.nn.utils import parametrize
+
+from lightning_prune import PruningConfigError, SaliencyPruner, StructuredPruning, load_pruned
 from lightning_prune.setup_checks import refuse_unsupported
 from tests.test_ddp import run_ddp_script
 
-SCRIPT = textwrap.dedent(
+MODELS = textwrap.dedent(
     '''
-    import os
     import sys
     from pathlib import Path
 
@@ -84,10 +89,12 @@ SCRIPT = textwrap.dedent(
         def loss(self, batch):
             return F.cross_entropy(self(batch[0]), batch[1])
 
+        samples = 48
+
         def data(self):
             generator = torch.Generator().manual_seed(0)
-            return self.loader(torch.randn(48, 3, 6, 6, generator=generator),
-                               torch.randint(0, 3, (48,), generator=generator))
+            return self.loader(torch.randn(self.samples, 3, 6, 6, generator=generator),
+                               torch.randint(0, 3, (self.samples,), generator=generator))
 
         train_dataloader = test_dataloader = data
 
@@ -127,6 +134,11 @@ SCRIPT = textwrap.dedent(
             "llama": (Llama, lambda: SaliencyPruner(sparsity_level=0.5))}
 
 
+    '''
+)
+
+SCRIPT = MODELS + textwrap.dedent(
+    '''
     def fit(devices, names=tuple(RUNS)):
         """Each run: a cubic ramp to 50% over the first half of 6 steps, fused at the end, then tested."""
         results = {}
@@ -183,6 +195,73 @@ def test_two_fsdp2_ranks_end_with_the_model_one_process_prunes_from_the_same_glo
     llama = single["llama"]["state"]
     assert llama["llama.layers.0.mlp.up_proj.weight"].shape[0] == 24
     assert llama["llama.layers.0.self_attn.q_proj.weight"].shape[0] < 32  # heads went
+
+
+RESUME_SCRIPT = MODELS + textwrap.dedent(
+    '''
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    CNN.samples = 16  # two steps an epoch: the checkpoints written at epoch ends resume on the next batch
+
+
+    def fit(out, ckpt_path=None):
+        """A cubic ramp to 50% over steps 0-3 of 6, a distributed checkpoint at the end of every epoch."""
+        pl.seed_everything(0, verbose=False)
+        model = CNN()
+        callback = StructuredPruning(SaliencyPruner(sparsity_level=0.5), schedule="cubic", start_step=0, end_step=0.5)
+        checkpoints = ModelCheckpoint(dirpath=out, every_n_epochs=1, save_top_k=-1, save_last=True)
+        trainer = pl.Trainer(accelerator="cpu", devices=2, max_epochs=3, use_distributed_sampler=False,
+                             strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
+                             callbacks=[callback, checkpoints], logger=False, enable_progress_bar=False,
+                             enable_model_summary=False, default_root_dir=out)
+        trainer.fit(model, ckpt_path=ckpt_path)
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+        return {"state": {k: v.detach().clone() for k, v in state.items()}, "fused": callback.fused,
+                "steps": trainer.global_step, "rank": trainer.global_rank}
+
+
+    if __name__ == "__main__":
+        out = Path(sys.argv[1])
+        whole = fit(out / "whole")
+        resumed = fit(out / "resumed", ckpt_path=out / "whole" / "epoch=0-step=2.ckpt")
+        torch.save({"whole": whole, "resumed": resumed}, out / f"rank{whole['rank']}.pt")
+        torch.distributed.destroy_process_group()
+    '''
+)
+
+
+def _consolidated(folder: Path) -> Path:
+    """Lightning's consolidation of a distributed checkpoint folder into one file,
+    ``python -m lightning.fabric.utilities.consolidate_checkpoint FOLDER`` (the ``lightning.pytorch`` one expects
+    FSDPStrategy's "model" key and fails on ModelParallelStrategy's "state_dict" with a KeyError)."""
+    with mock.patch.object(sys, "argv", ["consolidate_checkpoint", str(folder)]):
+        runpy.run_module("lightning.fabric.utilities.consolidate_checkpoint", run_name="__main__")
+    return folder.with_suffix(folder.suffix + ".consolidated")
+
+
+def test_a_sharded_mid_schedule_checkpoint_resumes_and_consolidated_checkpoints_load_pruned(tmp_path):
+    run = run_ddp_script(tmp_path, RESUME_SCRIPT)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    whole = ranks[0]["whole"]["state"]
+    assert whole["features.0.weight"].shape == (4, 3, 3, 3)
+    for rank in ranks:
+        assert rank["resumed"]["fused"] and rank["resumed"]["steps"] == 6
+        assert rank["resumed"]["state"].keys() == whole.keys()
+        for key, tensor in whole.items():  # resumed from step 2, mid-ramp: the uninterrupted run's end
+            torch.testing.assert_close(rank["resumed"]["state"][key], tensor, rtol=0, atol=1e-6, msg=key)
+            torch.testing.assert_close(rank["whole"]["state"][key], tensor, rtol=0, atol=0, msg=key)
+
+    namespace: dict = {}
+    exec(compile(MODELS, "sharded_models", "exec"), namespace)
+    folder = tmp_path / "whole"
+    assert (folder / "epoch=0-step=2.ckpt").is_dir()  # a distributed checkpoint: one shard file per rank
+    last = load_pruned(namespace["CNN"](), _consolidated(folder / "last.ckpt"))  # rewritten after fusion
+    for key, tensor in whole.items():
+        torch.testing.assert_close(last.state_dict()[key], tensor, rtol=0, atol=0, msg=key)
+    mid = load_pruned(namespace["CNN"](), _consolidated(folder / "epoch=0-step=2.ckpt"))  # masked, full width
+    assert 4 <= mid.features[0].out_channels < 8
+    assert not any(parametrize.is_parametrized(m) for m in mid.modules())
 
 
 # --- strategies the callback cannot follow -------------------------------------------------------------------
