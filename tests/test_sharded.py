@@ -19,7 +19,6 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
-
 from torch.nn.utils import parametrize
 
 from lightning_prune import PruningConfigError, SaliencyPruner, StructuredPruning, load_pruned
@@ -139,6 +138,10 @@ MODELS = textwrap.dedent(
 
 SCRIPT = MODELS + textwrap.dedent(
     '''
+    def strategy(devices):
+        return ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1) if devices > 1 else "auto"
+
+
     def fit(devices, names=tuple(RUNS)):
         """Each run: a cubic ramp to 50% over the first half of 6 steps, fused at the end, then tested."""
         results = {}
@@ -147,8 +150,7 @@ SCRIPT = MODELS + textwrap.dedent(
             pl.seed_everything(0, verbose=False)
             model, pruner = module(), pruner()
             callback = StructuredPruning(pruner, schedule="cubic", start_step=0, end_step=0.5)
-            strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1) if devices > 1 else "auto"
-            trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_steps=6,
+            trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy=strategy(devices), max_steps=6,
                                  use_distributed_sampler=False, callbacks=[callback], logger=False,
                                  enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
             trainer.fit(model)
@@ -157,6 +159,13 @@ SCRIPT = MODELS + textwrap.dedent(
             results[name] = {"state": {k: v.detach().clone() for k, v in state.items()}, "fused": callback.fused,
                              "steps": trainer.global_step, "test_runs": model.test_runs,
                              "sharded_after_fit": isinstance(model, FSDPModule), "rank": trainer.global_rank}
+            if name == "cnn":  # a second fit trains the pruned model, sharded
+                again = pl.Trainer(accelerator="cpu", devices=devices, strategy=strategy(devices), max_steps=2,
+                                   use_distributed_sampler=False, callbacks=[callback], logger=False,
+                                   enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+                again.fit(model)
+                state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+                results["cnn_again"] = {"state": {k: v.detach().clone() for k, v in state.items()}}
         return results
 
 
@@ -175,6 +184,12 @@ def test_two_fsdp2_ranks_end_with_the_model_one_process_prunes_from_the_same_glo
     namespace: dict = {}
     exec(compile(SCRIPT, "sharded_script", "exec"), namespace)
     single = namespace["fit"](1)
+    again = single.pop("cnn_again")["state"]
+    for rank in ranks:
+        for key, tensor in again.items():
+            assert tensor.shape == single["cnn"]["state"][key].shape, key  # the narrow model trained further
+            torch.testing.assert_close(rank["cnn_again"]["state"][key], tensor, rtol=0, atol=1e-6, msg=key)
+    assert not torch.equal(again["head.weight"], single["cnn"]["state"]["head.weight"])
     for name, expected in single.items():
         assert expected["fused"] and expected["steps"] == 6
         assert not any(".parametrizations." in key or key.endswith(".mask") for key in expected["state"])
@@ -188,7 +203,8 @@ def test_two_fsdp2_ranks_end_with_the_model_one_process_prunes_from_the_same_glo
                 torch.testing.assert_close(got["state"][key], tensor, rtol=0, atol=1e-6, msg=f"{name} {key}")
             # trainer.test ran on the sharded pruned model, and on both ranks' halves saw what one process saw
             assert got["test_runs"] and all(sharded for sharded, _ in got["test_runs"]), name
-        losses = [(a + b) / 2 for (_, a), (_, b) in zip(ranks[0][name]["test_runs"], ranks[1][name]["test_runs"])]
+        halves = zip(ranks[0][name]["test_runs"], ranks[1][name]["test_runs"], strict=True)
+        losses = [(a + b) / 2 for (_, a), (_, b) in halves]
         torch.testing.assert_close(losses, [loss for _, loss in expected["test_runs"]], rtol=1e-5, atol=1e-6)
     cnn = single["cnn"]["state"]
     assert cnn["features.0.weight"].shape == (4, 3, 3, 3) and cnn["head.weight"].shape == (3, 4)
