@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from lightning_prune.errors import PruningConfigError
 from lightning_prune.fusion.layout import FIXED, Layout
 from lightning_prune.fusion.records import (
     Binding,
@@ -74,7 +75,7 @@ def walk(model: nn.Module, traced: Traced) -> Walk:
             elif rule is None:
                 visit.unknown()
             else:
-                rule.visit(visit)
+                _visit_or_refuse(state, visit, rule)
                 if _labels_of(state.values.get(node.name)).numel():
                     state.steps.append((node, rule))
             _freeze_refs(state, visit, "is read whole by", unbound_only=True)
@@ -84,6 +85,29 @@ def walk(model: nn.Module, traced: Traced) -> Walk:
         if reason is not None:
             state.groups.block(binding.labels, reason)
     return state
+
+
+def _visit_or_refuse(state: Walk, visit: Visit, rule: Any) -> None:
+    """Hand the node to its rule. A rule that raises on it (an input it was not written for, a bug in a user's rule)
+    refuses the node instead of crashing the analysis: what it recorded for this node is dropped, and the channels
+    reaching the node and those its tensors were bound to are blocked, naming the op, its source line and the error.
+    The project's own errors (a rule that refuses on purpose) pass through."""
+    before = (len(state.consumers), len(state.silences), len(state.actions), len(state.assumed_ranks))
+    bound = set(state.bindings)
+    try:
+        rule.visit(visit)
+    except PruningConfigError:
+        raise
+    except Exception as error:  # noqa: BLE001 - any failure of a rule is a refusal of the node, never a crash
+        del state.consumers[before[0]:], state.silences[before[1]:], state.actions[before[2]:]
+        del state.assumed_ranks[before[3]:]
+        state.values[visit.node.name] = None
+        reason = (f"{visit.where} could not be read: {type(rule).__name__}.visit raised {type(error).__name__}: "
+                  f"{error}; its channels are kept (a rule for an input it was not written for: register one with "
+                  "lightning_prune.register_function / register_layer, or report it)")
+        visit.block_inputs(reason.removeprefix(f"{visit.where} "))
+        for key in set(state.bindings) - bound:
+            state.groups.block(state.bindings[key].labels, reason)
 
 
 def _note_lost(state: Walk, node: fx.Node, visit: Visit, blocked: bool) -> None:

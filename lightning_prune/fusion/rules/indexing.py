@@ -249,6 +249,8 @@ class CatRule(Rule):
             if shape is None:
                 self._fail(v, tracked, "with tensors of unknown shape; pass example_inputs")
                 return
+            if shape == (0,) and ndim != 1:  # torch.cat skips 1-D empty tensors (an empty key/value cache)
+                continue
             parts.append(torch.full([shape[a] for a in channel_axes], FIXED, dtype=torch.long))
         if dim in channel_axes:
             k = channel_axes.index(dim)
