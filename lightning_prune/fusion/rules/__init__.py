@@ -10,6 +10,7 @@ from lightning_prune.fusion.rules import (  # noqa: E402, F401, I001
     channelwise,
     combine,
     elementwise,
+    functional_norms,
     hf,
     indexing,
     layers,
@@ -17,6 +18,7 @@ from lightning_prune.fusion.rules import (  # noqa: E402, F401, I001
     reduce,
     registry,
     shapes,
+    timm_norms,
 )
 from lightning_prune.fusion.rules.base import (
     BlockingRule,
