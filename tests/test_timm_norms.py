@@ -66,17 +66,22 @@ def _randomize(model: nn.Module) -> None:
                         tensor.uniform_(0.5, 2.0) if name in ("running_var", "weight", "v") else tensor.uniform_(-1, 1)
 
 
-@pytest.mark.parametrize("front", ["fx", "fx-shapes", "export"])
+@pytest.mark.parametrize("front", ["fx", "fx-shapes", "fx-traced-training", "export"])
 @pytest.mark.parametrize("prune_bias", [True, False], ids=["prune_bias", "fold_bias"])
 @pytest.mark.parametrize("norm", list(NORMS))
 def test_a_fused_norm_prunes_exactly(norm: str, prune_bias: bool, front: str) -> None:
+    """``fx-traced-training``: prepared in training mode, as the callback does (the graph then holds the training
+    flags), trained one forward, then compared in eval mode."""
     model, x = Block(NORMS[norm], branch=front == "export").eval(), torch.randn(2, 3, 6, 6)
     _randomize(model)
     if front == "export":
         assert lp.explain(model, example_inputs=x).walk.traced.front_end == "export"
     pruner = lp.SaliencyPruner(sparsity_level=0.5, prune_bias=prune_bias)
+    model.train(front == "fx-traced-training")
     pruner.prepare(model, [{"tensor_fqn": "c1.weight"}, {"tensor_fqn": "c2.weight"}],
                    **({"example_inputs": (x,)} if front != "fx" else {}))
+    model(x)
+    model.eval()
     affine = [n for n in ("weight", "bias") if getattr(model.norm, n, None) is not None]
     assert all(parametrize.is_parametrized(model.norm, n) == prune_bias for n in affine)  # masked while masked
     step_and_prune_exactly(pruner, model, x)

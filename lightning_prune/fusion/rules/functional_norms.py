@@ -21,14 +21,20 @@ from lightning_prune.fusion.rules.registry import aten, register_functions
 class FunctionalNormRule(Rule):
     """A norm called as a function. ``positions`` maps each per-channel tensor the call may take (``weight``,
     ``bias``, ``running_mean``, ``running_var``) to its argument index; ``groups_at``: the index of GroupNorm's group
-    count (None: statistics per channel); ``batch_stats_at``: the index of the flag that makes instance norm use the
-    input's statistics instead of the running ones."""
+    count (None: statistics per channel); ``flag``: the index and name of the flag that makes the call use the input's
+    statistics instead of the running ones (``training``, ``use_input_stats``), and ``input_stats``: its default.
+
+    A removed channel's constant is mapped as the call computes in eval mode. An export graph is read in eval mode,
+    so its flag is that value. An fx graph is traced in the model's mode, where a flag that is given is taken to be
+    derived from it as the modules' own forwards do (``self.training``): running statistics, when passed, are used.
+    """
 
     kind = RuleKind.CHANNELWISE
 
     def __init__(self, positions: dict[str, int], eps_at: int, groups_at: int | None = None,
-                 batch_stats_at: int | None = None):
-        self.positions, self.eps_at, self.groups_at, self.batch_stats_at = positions, eps_at, groups_at, batch_stats_at
+                 flag: tuple[int, str] | None = None, input_stats: bool = False):
+        self.positions, self.eps_at, self.groups_at = positions, eps_at, groups_at
+        self.flag, self.input_stats = flag, input_stats
 
     def tensors(self, v) -> dict[str, fx.Node]:
         """The per-channel tensor arguments given (not None), by role."""
@@ -103,13 +109,20 @@ class FunctionalNormRule(Rule):
         if hasattr(module, "num_channels"):
             module.num_channels = module.num_groups * per_group
 
+    def uses_input_stats(self, v) -> bool:
+        """Whether the call normalises a constant channel by its own statistics (to 0) in eval mode."""
+        if self.flag is None:
+            return False
+        flag = v.arg(*self.flag)
+        if flag is None:
+            return self.input_stats
+        return bool(flag) if v.state.traced.front_end == "export" else False
+
     def const(self, v, values):
         tensors = {role: _current(v, v.value(arg).tensor).detach().to(torch.float64).cpu()
                    for role, arg in self.tensors(v).items()}
         eps = v.arg(self.eps_at, "eps", 1e-5)
-        running = "running_mean" in tensors and "running_var" in tensors
-        if self.batch_stats_at is not None and v.arg(self.batch_stats_at, "use_input_stats", True):
-            running = False
+        running = "running_mean" in tensors and "running_var" in tensors and not self.uses_input_stats(v)
         if self.groups_at is not None:
             groups = values.reshape(v.arg(self.groups_at, "num_groups"), -1)
             out = ((groups - groups.mean(1, keepdim=True)) /
@@ -133,9 +146,11 @@ def _current(v, tensor: torch.Tensor) -> torch.Tensor:
 
 _STATS = {"running_mean": 1, "running_var": 2, "weight": 3, "bias": 4}
 _ATEN_STATS = {"weight": 1, "bias": 2, "running_mean": 3, "running_var": 4}
-register_functions([F.batch_norm], FunctionalNormRule(_STATS, eps_at=7))
-register_functions([aten("batch_norm")], FunctionalNormRule(_ATEN_STATS, eps_at=7))
-register_functions([F.instance_norm], FunctionalNormRule(_STATS, eps_at=7, batch_stats_at=5))
-register_functions([aten("instance_norm")], FunctionalNormRule(_ATEN_STATS, eps_at=7, batch_stats_at=5))
+register_functions([F.batch_norm], FunctionalNormRule(_STATS, eps_at=7, flag=(5, "training")))
+register_functions([aten("batch_norm")], FunctionalNormRule(_ATEN_STATS, eps_at=7, flag=(5, "training")))
+register_functions([F.instance_norm], FunctionalNormRule(_STATS, eps_at=7, flag=(5, "use_input_stats"),
+                                                           input_stats=True))
+register_functions([aten("instance_norm")], FunctionalNormRule(_ATEN_STATS, eps_at=7,
+                                                                flag=(5, "use_input_stats"), input_stats=True))
 register_functions([F.group_norm, aten("group_norm")], FunctionalNormRule({"weight": 2, "bias": 3}, eps_at=4,
                                                                           groups_at=1))
