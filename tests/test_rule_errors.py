@@ -64,6 +64,26 @@ def test_a_rule_raising_indexerror_refuses_its_node_and_the_rest_prunes(shapes: 
     assert (model.fc1.out_features, model.fc2.out_features, model.fc3.out_features) == (16, 6, 5)
 
 
+class BrokenConstant(ElementwiseRule):
+    """Follows the channels, then fails when asked what a removed channel's constant becomes (at prune time)."""
+
+    def const(self, v, values, *others):
+        return values[len(values)]
+
+
+@pytest.mark.parametrize("prune_bias", [True, False], ids=["prune_bias", "fold_bias"])
+def test_a_rule_raising_in_const_keeps_those_channels_and_prune_completes_exactly(prune_bias: bool) -> None:
+    model, x = Net().eval(), torch.randn(3, 8)
+    with lp.rules_scope({Scale: BrokenConstant()}):
+        pruner = lp.SaliencyPruner(sparsity_level=0.5, prune_bias=prune_bias)
+        pruner.prepare(model, None, exclude_output=True)
+        assert "fc1.weight" in [g["tensor_fqn"] for g in pruner.groups]
+        with pytest.warns(UserWarning, match=r"Scale 'odd'.*BrokenConstant\.const raised IndexError.*channels there "
+                                             r"stay"):
+            step_and_prune_exactly(pruner, model, x)
+    assert (model.fc1.out_features, model.fc2.in_features, model.fc2.out_features) == (16, 16, 6)
+
+
 def test_project_errors_from_a_rule_pass_through() -> None:
     """A rule that refuses on purpose (the project's own error) is not turned into a blocker."""
 

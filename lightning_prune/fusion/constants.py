@@ -3,16 +3,19 @@
 A removed channel's weights are zero, but it may still emit a constant: its bias (``prune_bias=False``),
 ``sigmoid(0)``, a BatchNorm shift. A pass over the walk's steps, in graph order, asks each node's rule what it makes
 of the constants reaching it. The consumer that loses the channel folds the constant into its bias; where the value
-would depend on position (zero padding, a run-time tensor), the channel is kept instead.
+would depend on position (zero padding, a run-time tensor), the channel is kept instead, as it is where a rule's
+``const`` raises (with a warning naming the op and the error).
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import fx
 
+from lightning_prune.errors import PruningConfigError
 from lightning_prune.fusion.layout import Layout
 from lightning_prune.fusion.records import Walk
 from lightning_prune.fusion.walk import Visit
@@ -83,8 +86,18 @@ def propagate(walk: Walk) -> tuple[dict[str, IdValues], torch.Tensor]:
             visit.rule = rule
             inputs = [a for a in node.all_input_nodes if isinstance(walk.values.get(a.name), Layout)]
             positional = [consts.get(a.name, IdValues.empty()).at(walk.values[a.name].labels) for a in inputs]
-            result = rule.const(visit, *positional)
             outputs = _layouts(walk.values[node.name])
+            try:
+                result = rule.const(visit, *positional)
+            except PruningConfigError:
+                raise
+            except Exception as error:  # noqa: BLE001 - a rule's failure keeps the channels, never breaks prune()
+                warnings.warn(f"{visit.where}: {type(rule).__name__}.const raised {type(error).__name__}: {error}; "
+                              "the channels there stay (zeroed where masked) so the result is still exact",
+                              UserWarning, stacklevel=4)
+                dependent += [layout.labels.reshape(-1) for layout in outputs]
+                consts[node.name] = IdValues.empty()
+                continue
             if result is None or not outputs:
                 consts[node.name], clash = IdValues.merge([consts[a.name] for a in node.all_input_nodes
                                                            if a.name in consts])
