@@ -5,7 +5,8 @@ Run: python examples/transformer_heads.py   (a few seconds on 2 CPU cores; needs
 A tiny LlamaForCausalLM is built from a config (nothing is downloaded): 4 query heads share 2 key/value heads, the
 MLP is SwiGLU. torch.fx cannot trace transformers, so the example inputs let the analysis read it through
 torch.export. The plan shows the channel groups (a key/value head is a group-of-k with its query heads); half of them
-go, the pruned model computes what the masked one did, and the pruned state dict reloads into a fresh model.
+go, the pruned model computes what the masked one did, its config says the new head counts and widths, and the
+pruned state dict reloads into a fresh dense model.
 """
 
 import torch
@@ -31,13 +32,14 @@ def main() -> None:
     pruner.step()
     with torch.no_grad():
         masked = model(tokens).logits
-    dense_params = sum(p.numel() for p in model.parameters())
-    pruner.prune()
+    dense_params, dense_heads = sum(p.numel() for p in model.parameters()), model.config.num_attention_heads
+    pruner.prune()  # every layer alike, so the config follows: save_pretrained output loads with from_pretrained
     with torch.no_grad():
         pruned = model(tokens).logits
     attention = model.model.layers[0].self_attn
     print(f"params {dense_params:,} -> {sum(p.numel() for p in model.parameters()):,}; "
-          f"query heads per layer {attention.config.num_attention_heads} -> {attention.q_proj.out_features // 16}, "
+          f"query heads per layer {dense_heads} -> {attention.q_proj.out_features // 16} "
+          f"(config: {model.config.num_attention_heads}), "
           f"max |masked - pruned| {(masked - pruned).abs().max().item():.2e}")
 
     reloaded = lp.load_pruned(build(), model.state_dict())  # a fresh dense model narrowed to the saved shapes

@@ -23,6 +23,7 @@ from lightning_prune.fusion.rules import (
 )
 from lightning_prune.masks import FakeStructuredSparsity
 from lightning_prune.optim import carry_optimizer_state
+from lightning_prune.pretrained import from_pretrained, save_pretrained
 from lightning_prune.schedule import SparsityScheduler
 from lightning_prune.sparsifier import (
     ActivationPruner,
@@ -62,6 +63,7 @@ __all__ = [
     "TaylorPruner",
     "UnsupportedPatternError",
     "explain",
+    "from_pretrained",
     "StructuredPruning",
     "carry_optimizer_state",
     "load_pruned",
@@ -69,4 +71,5 @@ __all__ = [
     "register_function",
     "register_layer",
     "rules_scope",
+    "save_pretrained",
 ]

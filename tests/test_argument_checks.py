@@ -100,7 +100,7 @@ def test_output_reached_error_is_importable_from_the_package() -> None:
     (lambda: lp.narrow_to_state_dict(nn.Linear(2, 2), "last.ckpt"), "got str (for a file, load_pruned(model, path)"),
     (lambda: lp.narrow_to_state_dict(nn.Linear(2, 2), None), "state_dict must be the checkpoint's state dict"),
     (lambda: lp.SaliencyPruner(0.5), "for a sparsity pass sparsity_level=0.5"),
-    (lambda: lp.TaylorPruner(betta=0.5), "did you mean 'beta'?); TaylorPruner accepts ['prune_bias', "
+    (lambda: lp.TaylorPruner(betta=0.5), "did you mean 'beta'?); TaylorPruner accepts ['allocation', 'prune_bias', "
                                          "'sparsity_level'], and as constructor keywords ['beta', 'rules', 'sample'"),
 ])
 def test_flags_types_and_positional_mistakes_are_refused_naming_the_value(make, named) -> None:

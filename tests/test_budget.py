@@ -143,7 +143,8 @@ def test_budget_takes_its_class_or_a_dict():
     ({"min_channels": 2}, "exactly one of 'macs' or 'params'.*neither"),
     ({"macs": 0.5, "multiple_of": 0}, "multiple_of must be an int >= 1"),
     ({"macs": 0.5, "min_channels": 1.5}, "min_channels must be an int >= 1"),
-    ({"macs": 0.5, "allocation": "local"}, r"allocation must be one of \['auto', 'global', 'uniform'\]"),
+    ({"macs": 0.5, "allocation": "local"},
+     r"allocation must be one of \['auto', 'global', 'uniform', 'uniform_layers'\]"),
     (0.5, "target must be a dict such as"),
 ])
 def test_bad_budgets_fail_at_construction_naming_the_fix(target, match):

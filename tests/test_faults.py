@@ -347,7 +347,7 @@ def test_base_class_cannot_be_instantiated():
     ],
 )
 def test_built_in_pruner_refuses_unknown_hyperparameters(make, bad):
-    with pytest.raises(PruningConfigError, match=rf"{bad}.*accepts \['prune_bias', 'sparsity_level'\]"):
+    with pytest.raises(PruningConfigError, match=rf"{bad}.*accepts \['allocation', 'prune_bias', 'sparsity_level'\]"):
         make()
 
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from lightning_prune.checkpoint.weights import is_weights, read_weights
 from lightning_prune.errors import PruningConfigError
 
 
@@ -17,9 +18,15 @@ def read_checkpoint(path: str | os.PathLike, weights_only: bool = True, mmap: bo
     ``weights_only``: ``torch.load``'s safe unpickler (tensors and plain containers only); ``mmap``: map the file's
     storages instead of reading them (a quick look at a large file).
 
+    A ``.safetensors`` file, a shard index or a ``save_pretrained`` directory is read by
+    :func:`~lightning_prune.checkpoint.weights.read_weights` (tensors only: ``weights_only`` and ``mmap`` do not apply).
+
     Raises:
-        Whatever ``torch.load`` raises for a missing, unreadable or (``weights_only``) unsafe file.
+        Whatever ``torch.load`` raises for a missing, unreadable or (``weights_only``) unsafe file;
+        PruningConfigError for a safetensors path that holds no weights (see ``read_weights``).
     """
+    if is_weights(path):
+        return read_weights(path)
     return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=mmap)
 
 

@@ -16,6 +16,7 @@ from lightning_prune.checkpoint.keys import dense_view, is_masked
 from lightning_prune.checkpoint.masked import fuse_masked, fused_state_dict
 from lightning_prune.checkpoint.resize import resize_to
 from lightning_prune.errors import PruningConfigError
+from lightning_prune.fusion.hf_config import follow_config
 from lightning_prune.fusion.rules import LayerRule, rule_for
 from lightning_prune.fusion.surgery import Surgery
 from lightning_prune.masks import has_masks_anywhere
@@ -102,9 +103,11 @@ def load_pruned(model: nn.Module, checkpoint: str | os.PathLike | Mapping[str, A
     """Turn a freshly built dense ``model`` into the pruned model a checkpoint stands for, in place, and return it.
 
     ``checkpoint`` is a Lightning checkpoint path, a loaded checkpoint dict, or a plain state dict; fused (written
-    after fusion) or masked (written mid-schedule, e.g. ModelCheckpoint's best file). A path is read with
-    ``torch.load(weights_only=True)``; pass ``weights_only=False`` only for a checkpoint you trust that holds
-    other objects.
+    after fusion) or masked (written mid-schedule, e.g. ModelCheckpoint's best file). A path is read by
+    :func:`~lightning_prune.checkpoint.files.read_checkpoint`: a ``.ckpt``/``.pt`` file with
+    ``torch.load(weights_only=True)`` (pass ``weights_only=False`` only for a checkpoint you trust that holds other
+    objects), a ``.safetensors`` file, a shard index (``model.safetensors.index.json``) or a ``save_pretrained``
+    directory. A Hugging Face model's ``config`` then follows its layers (:mod:`lightning_prune.fusion.hf_config`).
 
     Raises:
         PruningConfigError: ``model`` or ``checkpoint`` of the wrong type, a value that is not a tensor, the
@@ -134,6 +137,7 @@ def load_pruned(model: nn.Module, checkpoint: str | os.PathLike | Mapping[str, A
         else:
             resize_to(model, state_dict)
             model.load_state_dict(state_dict, strict=strict)
+    follow_config(model)
     return model
 
 

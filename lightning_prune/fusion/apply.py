@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from lightning_prune.fusion.constants import input_node, propagate
+from lightning_prune.fusion.hf_config import follow_config
 from lightning_prune.fusion.plan import PruningPlan
 from lightning_prune.fusion.ranks import check_ranks, remove_rank_probes
 from lightning_prune.fusion.records import held
@@ -85,6 +86,7 @@ def fuse(plan: PruningPlan) -> FusionResult:
     with Surgery() as surgery:
         ctx.surgery = surgery
         _mutate(ctx, keeps, folds, lineage)
+    follow_config(plan.model)
     remove_rank_probes(plan)
     notes += [f"'{fqn}' keeps its channels (zeroed where masked) to stay exact: {why}"
               for fqn, why in plan.retained.items()]

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from lightning_prune.fusion.alike import common_removals, signature
 from lightning_prune.fusion.cost import layer_macs, mac_shares, own_tensors
 
 if TYPE_CHECKING:
@@ -24,11 +25,15 @@ def describe(plan: PruningPlan, sparsity_level: float = 0.5) -> dict[str, Any]:
     root = plan.groups.solve()
     kept = torch.ones(plan.groups.size, dtype=torch.bool)
     rows = []
-    for number, group in enumerate(sorted(plan.channel_groups(), key=lambda g: _first(plan, g))):
-        free = [c for c in group.classes.tolist() if c not in group.blocked]
-        if group.members:
-            for c in free[: int(len(free) * sparsity_level)]:
-                kept[c] = False
+    groups = sorted(plan.channel_groups(), key=lambda g: _first(plan, g))
+    frees = [[c for c in group.classes.tolist() if c not in group.blocked] for group in groups]
+    counts = [int(len(free) * sparsity_level) if g.members else 0 for g, free in zip(groups, frees, strict=True)]
+    if plan.allocation == "uniform_layers":
+        counts = common_removals(counts, [signature((m.tensor_fqn for m in g.members), g.classes.numel())
+                                          for g in groups])
+    for number, (group, free, count) in enumerate(zip(groups, frees, counts, strict=True)):
+        for c in free[:count]:
+            kept[c] = False
         configured = {m.tensor_fqn for m in group.members}
         reasons = list(dict.fromkeys(r for rs in group.blocked.values() for r in rs
                                      if not r.startswith("its channels are tied to")))
@@ -50,6 +55,7 @@ def describe(plan: PruningPlan, sparsity_level: float = 0.5) -> dict[str, Any]:
         "front_end": traced.front_end,
         "shapes": traced.shapes,
         "sparsity_level": sparsity_level,
+        "allocation": plan.allocation,
         "groups": rows,
         "left_out": dict(plan.dropped),
         "retained": dict(plan.retained),
@@ -61,7 +67,8 @@ def describe(plan: PruningPlan, sparsity_level: float = 0.5) -> dict[str, Any]:
 def format_table(data: dict[str, Any]) -> str:
     """A fixed-width table of :func:`describe`'s data."""
     source = f"{data['front_end']}, {'shapes from example inputs' if data['shapes'] else 'no shapes'}"
-    lines = [f"Pruning plan ({source}; sizes at sparsity {data['sparsity_level']})",
+    allocation = "" if data["allocation"] == "auto" else f", {data['allocation']}"
+    lines = [f"Pruning plan ({source}; sizes at sparsity {data['sparsity_level']}{allocation})",
              f"{'group':>5}  {'channels':>8}  {'removable':>9}  {'granularity':<14} {'producers (* configured)':<44}"
              " blocked by"]
     for row in data["groups"]:

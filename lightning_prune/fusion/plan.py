@@ -70,6 +70,8 @@ class PruningPlan:
     example_inputs: tuple[tuple, dict] | None = None
     #: the level sizes are shown at by :meth:`table` and :meth:`to_dict`
     sparsity_level: float = 0.5
+    #: how those sizes are allocated: ``"uniform_layers"`` removes as many classes from every set alike across layers
+    allocation: str = "auto"
     _channel_groups: list[ChannelGroup] | None = field(default=None, init=False, repr=False)
 
     def to_dict(self) -> dict[str, Any]:

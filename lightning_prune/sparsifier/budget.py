@@ -13,10 +13,13 @@ at that step) removes, so the small classes are not spent before the last step. 
 compared as they are. Other scores (norms, distances, activations) mean nothing across layers, so each set's are first
 divided by their mean over its kept, removable classes (Torch-Pruning's "mean" normaliser): every set then averages 1,
 and the cost decides more. ``allocation="uniform"`` removes the same fraction of every set's classes, the smallest
-fraction that fits (found by bisection), then puts back what still fits as above. ``allocation="auto"`` (the default)
-is global for scores in loss units and uniform for the others: in ``benchmarks/study.py`` (see benchmarks/RESULTS.md)
-global ranking of normalised norms, distances and activations cost 2-16 points of accuracy on the CNNs at a quarter of
-the MACs and 10-13 on the ViT at half, while global Taylor was the best or level.
+fraction that fits (found by bisection), then puts back what still fits as above. ``allocation="uniform_layers"`` does
+the same with the sets that are alike across layers (:mod:`lightning_prune.fusion.alike`: every layer's heads, every
+layer's FFN) held at one width and put back together, so every layer of a stack stays alike (for a Hugging Face config
+that plain ``from_pretrained``, vLLM and TGI load). ``allocation="auto"`` (the default) is global for scores in loss
+units and uniform for the others: in ``benchmarks/study.py`` (see benchmarks/RESULTS.md) global ranking of normalised
+norms, distances and activations cost 2-16 points of accuracy on the CNNs at a quarter of the MACs and 10-13 on the
+ViT at half, while global Taylor was the best or level.
 
 Minimum widths: every configured layer keeps at least ``min_channels`` channels (and always one), and with
 ``multiple_of`` a width that is a multiple of it (or its full width). Classes removed earlier stay removed, so a budget
@@ -29,18 +32,19 @@ import heapq
 import math
 import numbers
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from lightning_prune.errors import PruningConfigError
+from lightning_prune.fusion.alike import families, signature
 from lightning_prune.fusion.cost import CostModel
 
 if TYPE_CHECKING:
     from lightning_prune.sparsifier.scoring import ClassSet
 
-ALLOCATIONS = ("auto", "global", "uniform")
+ALLOCATIONS = ("auto", "global", "uniform", "uniform_layers")
 #: how far below the budget (a fraction of the dense cost) a removal may overshoot before smaller ones are tried
 TOLERANCE = 0.01
 
@@ -54,7 +58,7 @@ class Budget:
         params: the same for parameters. Give exactly one of ``macs`` and ``params``.
         min_channels: the fewest channels a configured layer keeps, an int >= 1.
         multiple_of: keep each layer's width a multiple of this (e.g. 8 for tensor cores), an int >= 1.
-        allocation: ``"auto"``, ``"global"`` or ``"uniform"`` (see the module docstring).
+        allocation: ``"auto"``, ``"global"``, ``"uniform"`` or ``"uniform_layers"`` (see the module docstring).
 
     Raises:
         PruningConfigError: neither or both of ``macs``/``params``, a fraction outside (0, 1], a bad width floor or
@@ -109,6 +113,33 @@ class Budget:
         return cls(**dict(target))
 
 
+def check_allocation(allocation: Any, budget: Budget | None, where: str) -> None:
+    """Raise unless a pruner's ``allocation`` hyper-parameter (None: not given) is one of :data:`ALLOCATIONS`, and
+    ``"global"`` only under a budget (with ``sparsity_level`` every set removes its own fraction)."""
+    if allocation is None:
+        return
+    if allocation not in ALLOCATIONS:
+        raise PruningConfigError(f"{where}: allocation must be one of {list(ALLOCATIONS)}, got {allocation!r}")
+    if allocation == "global" and budget is None:
+        raise PruningConfigError(f"{where}: allocation='global' ranks classes across layers under a cost budget; give "
+                                 "a target (e.g. target={'macs': 0.5}), or 'uniform_layers' / 'uniform' with "
+                                 "sparsity_level")
+
+
+def with_allocation(budget: Budget, allocation: str | None) -> Budget:
+    """``budget`` with a pruner's ``allocation`` where the budget names none (``"auto"``).
+
+    Raises:
+        PruningConfigError: the two name different allocations, or ``allocation`` is unknown.
+    """
+    if allocation is None or allocation == budget.allocation:
+        return budget
+    if budget.allocation != "auto":
+        raise PruningConfigError(f"the pruner's allocation={allocation!r} contradicts the target's "
+                                 f"allocation={budget.allocation!r}: give it in one place")
+    return replace(budget, allocation=allocation)
+
+
 @dataclass
 class _Set:
     """One coupled set as the allocator sees it: classes in removal order and the widths it may take."""
@@ -130,8 +161,11 @@ def allocate(sets: list[tuple[ClassSet, torch.Tensor]], cost: CostModel, budget:
     allocation, planned now, would remove: otherwise early steps could spend the small classes (MLP widths) and leave
     the last step only coarse ones (heads), landing well below the budget."""
     views = [_view(cs, scores, budget, normalise) for cs, scores in sets]
+    if budget.allocation == "uniform_layers":
+        alike = families([signature((m.tensor_fqn for m in v.cs.members), v.cs.classes.numel()) for v in views])
+        return _uniform(views, cost, kept, ratio * cost.dense, alike)
     if budget.allocation == "uniform" or budget.allocation == "auto" and normalise:
-        return _uniform(views, cost, kept, ratio * cost.dense)
+        return _uniform(views, cost, kept, ratio * cost.dense, [[i] for i in range(len(views))])
     if ratio > budget.ratio:
         plan = kept.clone()
         plan_steps = _spend(views, cost, plan, budget.ratio * cost.dense)
@@ -198,7 +232,7 @@ def _global(views: list[_Set], cost: CostModel, kept: torch.Tensor, target: floa
         if not gained:
             break  # nothing left to remove: the floors bind
         total = cost.total(kept)
-    return _refill(views, cost, kept, target, total, steps, touched)
+    return _refill(views, cost, kept, target, total, steps, [[i] for i in touched])
 
 
 def _take(view: _Set, steps: list[int], i: int, kept: torch.Tensor, touched: set[int]) -> None:
@@ -243,41 +277,50 @@ def _tighten(views: list[_Set], cost: CostModel, kept: torch.Tensor, target: flo
 
 
 def _refill(views: list[_Set], cost: CostModel, kept: torch.Tensor, target: float, total: float,
-            steps: list[int], touched: set[int]) -> float:
-    """Put back each view's last removal while the cost still fits, the most valuable per unit of cost first."""
+            steps: list[int], units: list[list[int]]) -> float:
+    """Put back the last removal of each unit's views (together) while the cost still fits, the most valuable per
+    unit of cost first."""
+    def span(i: int) -> tuple[int, int]:
+        return views[i].widths[0] - views[i].widths[steps[i] - 1], views[i].widths[0] - views[i].widths[steps[i]]
+
     while True:
         best = None
-        for i in touched:
-            view = views[i]
-            if steps[i] == 0:
+        for unit in units:
+            if any(steps[i] == 0 for i in unit):
                 continue
-            start, stop = view.widths[0] - view.widths[steps[i] - 1], view.widths[0] - view.widths[steps[i]]
-            _remove(view, kept, start, stop, True)
+            for i in unit:
+                _remove(views[i], kept, *span(i), True)
             restored = cost.total(kept)
-            _remove(view, kept, start, stop)
+            for i in unit:
+                _remove(views[i], kept, *span(i))
             if restored <= target:
-                value = float(view.scores[view.order[start:stop]].sum()) / max(restored - total, 1e-12)
+                score = sum(float(views[i].scores[views[i].order[slice(*span(i))]].sum()) for i in unit)
+                value = score / max(restored - total, 1e-12)
                 if best is None or value > best[0]:
-                    best = (value, i, start, stop, restored)
+                    best = (value, unit, restored)
         if best is None:
             return total
-        _, i, start, stop, total = best
-        _remove(views[i], kept, start, stop, True)
-        steps[i] -= 1
+        _, unit, total = best
+        for i in unit:
+            _remove(views[i], kept, *span(i), True)
+            steps[i] -= 1
 
 
-def _uniform(views: list[_Set], cost: CostModel, kept: torch.Tensor, target: float) -> float:
-    """The smallest common fraction of each view's classes whose removal fits the target, then the refill."""
+def _uniform(views: list[_Set], cost: CostModel, kept: torch.Tensor, target: float, units: list[list[int]]) -> float:
+    """The smallest common fraction of each view's classes whose removal fits the target, then the refill; the views
+    of a unit keep one width (the widest any of them takes) and are put back together."""
     original = kept.clone()
     steps = [0] * len(views)
 
     def apply(fraction: float) -> float:
         kept.copy_(original)
-        for i, view in enumerate(views):
-            wanted = view.cs.classes.numel() - int(view.cs.free.sum() * fraction)
-            width = max([w for w in view.widths if w <= wanted] or view.widths[-1:])
-            steps[i] = view.widths.index(width)
-            _remove(view, kept, 0, view.widths[0] - width)
+        for unit in units:
+            wanted = max(views[i].cs.classes.numel() - int(views[i].cs.free.sum() * fraction) for i in unit)
+            for i in unit:
+                view = views[i]
+                width = max([w for w in view.widths if w <= wanted] or view.widths[-1:])
+                steps[i] = view.widths.index(width)
+                _remove(view, kept, 0, view.widths[0] - width)
         return cost.total(kept)
 
     low, high = 0.0, 1.0
@@ -290,4 +333,4 @@ def _uniform(views: list[_Set], cost: CostModel, kept: torch.Tensor, target: flo
         else:
             low = middle
     total = apply(high)
-    return _refill(views, cost, kept, target, total, steps, {i for i, step in enumerate(steps) if step})
+    return _refill(views, cost, kept, target, total, steps, [u for u in units if any(steps[i] for i in u)])

@@ -11,11 +11,12 @@ import torch
 from torch import nn
 
 from lightning_prune.errors import PrunerStateError, PruningConfigError
+from lightning_prune.fusion.alike import common_removals, signature
 from lightning_prune.fusion.cost import CostModel
 from lightning_prune.fusion.plan import Member, PruningPlan
 from lightning_prune.masks import row_mask
 from lightning_prune.sparsifier.base import BaseStructuredSparsifier
-from lightning_prune.sparsifier.budget import Budget, allocate
+from lightning_prune.sparsifier.budget import Budget, allocate, check_allocation, with_allocation
 
 
 @dataclass
@@ -73,14 +74,19 @@ class ScoringPruner(BaseStructuredSparsifier):
             ``{"params": 0.25, "multiple_of": 8}``. Classes are then ranked across coupled sets (see
             :mod:`~lightning_prune.sparsifier.budget`). The groups' ``sparsity_level`` becomes the fraction of the
             dense cost to remove, ``1 - target``, so a schedule ramps the budget as it ramps a sparsity.
+        allocation: ``"uniform_layers"`` keeps every layer of a stack alike (the same heads, key/value heads and FFN
+            width in each: :mod:`~lightning_prune.fusion.alike`), with ``sparsity_level`` (each family of alike sets
+            removes as many classes as its most constrained set can) or a ``target`` (its allocation when the target
+            names none); ``"auto"``/``"uniform"`` are the default per-set decisions, ``"global"`` needs a target.
 
     Raises:
         PruningConfigError: a bad ``target`` (unknown key, fraction outside (0, 1]), or both ``target`` and
-            ``sparsity_level``; at prepare, a MACs budget without example inputs, a config entry with its own
-            ``sparsity_level`` under a budget, or a budget the width floors cannot reach.
+            ``sparsity_level``, an unknown ``allocation`` or one the target contradicts; at prepare, a MACs budget
+            without example inputs, a config entry with its own ``allocation`` (or ``sparsity_level`` under a budget),
+            or a budget the width floors cannot reach.
     """
 
-    hyperparameters = frozenset({"sparsity_level", "prune_bias"})
+    hyperparameters = frozenset({"sparsity_level", "prune_bias", "allocation"})
     #: whether a row's score depends on the other rows (FPGM's distances do; a norm does not)
     rows_interact = False
     #: whether scores are in the same units in every layer (Taylor's are loss changes), so a class sums its members'
@@ -105,6 +111,7 @@ class ScoringPruner(BaseStructuredSparsifier):
         self.budget_reached: float | None = None
         if budget is not None:
             self.use_budget(budget)
+        check_allocation(self.defaults.get("allocation"), self.budget, type(self).__name__)
 
     def use_budget(self, target: Any) -> None:
         """Prune to a cost budget (see ``target``) instead of ``sparsity_level``, which becomes ``1 - target``. The
@@ -115,11 +122,15 @@ class ScoringPruner(BaseStructuredSparsifier):
         """
         if self.model is not None and not self.pruned:
             raise PrunerStateError("use_budget() must come before prepare()")
-        self.budget = Budget.parse(target)
+        self.budget = with_allocation(Budget.parse(target), self.defaults.get("allocation"))
         self.defaults["sparsity_level"] = 1.0 - self.budget.ratio
 
     def check_plan(self, plan: PruningPlan, groups: list[dict[str, Any]]) -> None:
         budget = self.budget
+        own = [g["tensor_fqn"] for g in groups if g.get("allocation") != self.defaults.get("allocation")]
+        if own:
+            raise PruningConfigError(f"allocation decides across layers, so it is the pruner's: remove it from the "
+                                     f"config entries for {own}")
         if budget is None:
             return
         if budget.metric == "macs" and plan.example_inputs is None:
@@ -163,9 +174,17 @@ class ScoringPruner(BaseStructuredSparsifier):
             if self.budget is not None:
                 self.spend_budget()
                 return
-            for coupled in self.coupled_sets():
-                level = max(group["sparsity_level"] for group, _ in coupled)
-                self.decide([member for _, member in coupled], level)
+            sets = [([member for _, member in coupled], max(group["sparsity_level"] for group, _ in coupled))
+                    for coupled in self.coupled_sets()]
+            counts = [None] * len(sets)
+            if self.defaults.get("allocation") == "uniform_layers":
+                classes = [self.class_set(members) for members, _ in sets]
+                alone = [self.num_to_prune(int(cs.free.sum()), level)
+                         for cs, (_, level) in zip(classes, sets, strict=True)]
+                counts = common_removals(
+                    alone, [signature((m.tensor_fqn for m in cs.members), cs.classes.numel()) for cs in classes])
+            for (members, level), count in zip(sets, counts, strict=True):
+                self.decide(members, level, count)
         finally:
             self._kept = None
 
@@ -194,16 +213,17 @@ class ScoringPruner(BaseStructuredSparsifier):
         scores = self.channel_scores(cs.members, cs.index, cs.kept, cs.classes.numel())
         return scores.masked_fill(~cs.kept, float("-inf")).masked_fill(~cs.free, float("inf"))
 
-    def decide(self, members: list[Member], sparsity_level: float) -> None:
-        """Mask the ``sparsity_level`` lowest-scoring classes of channels in every member.
+    def decide(self, members: list[Member], sparsity_level: float, count: int | None = None) -> None:
+        """Mask the ``sparsity_level`` lowest-scoring classes of channels in every member (``count`` of them, when
+        given: the number ``allocation="uniform_layers"`` agreed on for sets alike across layers).
 
         The classes are those of the members' rows (a channel, or a head, or a GroupNorm group: whatever the
         analysis found must go together); classes that cannot be removed are never counted or chosen.
         """
         cs = self.class_set(members)
         scores = self.class_scores(cs)
-        count = int(cs.free.sum())
-        k = min(max(self.num_to_prune(count, sparsity_level), 0), count)
+        free = int(cs.free.sum())
+        k = min(max(self.num_to_prune(free, sparsity_level) if count is None else count, 0), free)
         keep = torch.ones(cs.classes.numel(), dtype=torch.bool)
         keep[scores.topk(k, largest=False).indices] = False
         cs.write(keep)

@@ -5,8 +5,8 @@
   rules), and after their projections were narrowed the rule rewrites the attributes that hold head counts and widths
   (``num_attention_heads``, ``all_head_size``, ``split_size``, ``num_key_value_groups``, ``intermediate_size``...),
   from the projections' shapes, so it works the same at prune time and when ``load_pruned`` rebuilds a checkpoint.
-  Head counts may differ from layer to layer. The shared ``config`` stays the dense architecture that
-  ``FreshModel(config)`` rebuilds before ``load_pruned`` narrows it; every per-layer count lives on the layer.
+  Head counts may differ from layer to layer; every per-layer count lives on the layer, and the shared ``config``
+  follows them where its keys can say them (:mod:`lightning_prune.fusion.hf_config`).
 """
 
 from __future__ import annotations
@@ -62,10 +62,14 @@ class AttentionBlockRule(ContainerRule):
     def query_width(self, module: nn.Module) -> int:
         return width(getattr(module, self.query)) // self.packed
 
-    def sync(self, module: nn.Module) -> None:
+    def counts(self, module: nn.Module) -> tuple[int, int, int]:
+        """(query heads, key/value heads, head size), read from the projections' widths."""
         size = getattr(module, self.head_dim)
         heads = self.query_width(module) // size
-        kv = width(getattr(module, self.key)) // size if self.key else heads
+        return heads, width(getattr(module, self.key)) // size if self.key else heads, size
+
+    def sync(self, module: nn.Module) -> None:
+        heads, kv, size = self.counts(module)
         set_head_counts(module, (None, heads), (None, kv))
         for name in self.width_attributes:
             if isinstance(getattr(module, name, None), int):
@@ -109,3 +113,5 @@ for _family in ("llama.modeling_llama.Llama", "mistral.modeling_mistral.Mistral"
                 "qwen3.modeling_qwen3.Qwen3", "gemma.modeling_gemma.Gemma"):
     register_by_name(f"{_MODELS}.{_family}Attention", _PROJ)
     register_by_name(f"{_MODELS}.{_family}MLP", _SWIGLU)
+# Mixtral's experts are 3-D parameters (experts x width x hidden) no rule narrows: its heads go, its experts stay
+register_by_name(f"{_MODELS}.mixtral.modeling_mixtral.MixtralAttention", _PROJ)
