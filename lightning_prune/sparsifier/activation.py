@@ -41,10 +41,10 @@ class ActivationPruner(StatisticsPruner):
     channel's raw magnitude says little about what reaches the next layer. Minitron scores transformer layers,
     whose Linear outputs feed the next op directly.
 
-    Args:
-        sparsity_level: fraction of each coupled set's channels to prune, in [0, 1) (or give ``target``).
+    Args (those of :class:`StatisticsPruner`):
+        defaults, sparsity_level, prune_bias, target, rules: as for every :class:`ScoringPruner`
+            (``sparsity_level``: the fraction of each coupled set's channels to prune, in [0, 1), or give ``target``).
         beta: decay of the moving average over batches, in [0, 1).
-        **kwargs: ``prune_bias``, ``target``, ``rules`` as for every :class:`ScoringPruner`.
 
     Raises:
         UnsupportedPatternError: at ``prepare()``, a configured tensor whose channels are not in its module's output

@@ -42,8 +42,16 @@ class BaseStructuredSparsifier(abc.ABC):
 
     Args:
         defaults: hyper-parameters merged into every group (``sparsity_level``, ``prune_bias``, anything a
-            custom ``update_mask`` reads). Keyword arguments are merged on top, so configs can say
+            custom ``update_mask`` reads), as in torch.ao. The keywords below are merged on top, so configs can say
             ``SaliencyPruner(sparsity_level=0.5)``.
+        sparsity_level: the fraction of each tensor's output channels to prune, in [0, 1). ``None``: the
+            ``defaults`` dict's, else 0.5.
+        prune_bias: also mask (and at ``prune()`` remove) the bias and the per-channel affine after each pruned
+            channel. ``None``: the ``defaults`` dict's, else True.
+        rules: fusion rules for this pruner only (module types or functions -> :class:`Rule`), on top of the
+            registered ones.
+        **kwargs: further hyper-parameters for a custom ``update_mask`` (refused by pruners that declare
+            :attr:`hyperparameters`, naming the closest known one).
 
     Raises:
         PruningConfigError: ``defaults`` is not a dict, ``sparsity_level`` is outside [0, 1), ``prune_bias`` is not
@@ -55,13 +63,15 @@ class BaseStructuredSparsifier(abc.ABC):
     #: declares its keys gets unknown ones (typos such as ``sparsity_levl``) refused at construction and prepare().
     hyperparameters: ClassVar[frozenset[str] | None] = None
 
-    def __init__(self, defaults: dict[str, Any] | None = None, *, rules: dict[Any, Rule] | None = None,
-                 **kwargs: Any):
+    def __init__(self, defaults: dict[str, Any] | None = None, *, sparsity_level: float | None = None,
+                 prune_bias: bool | None = None, rules: dict[Any, Rule] | None = None, **kwargs: Any):
         if defaults is not None and not isinstance(defaults, dict):
             hint = (f"; for a sparsity pass sparsity_level={defaults!r} (the first positional argument is the "
                     "defaults dict, as in torch.ao)") if isinstance(defaults, (int, float)) else ""
             raise PruningConfigError(f"defaults must be a dict or None, got {type(defaults).__name__}{hint}")
-        self.defaults = {**DEFAULTS, **(defaults or {}), **kwargs}
+        given = {name: value for name, value in (("sparsity_level", sparsity_level), ("prune_bias", prune_bias))
+                 if value is not None}
+        self.defaults = {**DEFAULTS, **(defaults or {}), **given, **kwargs}
         self._check_keys(self.defaults, type(self).__name__)
         check_group(self.defaults, type(self).__name__)
         #: fusion rules for this pruner only (module types or functions -> rules), on top of the registered ones

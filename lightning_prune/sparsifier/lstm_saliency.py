@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -11,6 +12,8 @@ from torch import nn
 from lightning_prune.arguments import check_flag
 from lightning_prune.errors import PruningConfigError
 from lightning_prune.fusion.plan import PruningPlan
+from lightning_prune.fusion.rules import Rule
+from lightning_prune.sparsifier.budget import Budget
 from lightning_prune.sparsifier.saliency import SaliencyPruner
 
 
@@ -18,17 +21,23 @@ class LSTMSaliencyPruner(SaliencyPruner):
     """Prunes LSTM rows by L1 saliency.
 
     Args:
+        defaults, sparsity_level, prune_bias, target, rules: as for every :class:`ScoringPruner` (a ``target``
+            needs ``tie_gates=True``).
         tie_gates: decide per hidden unit, with a layer's ``weight_ih`` and ``weight_hh`` together, so a unit loses
             all its gate rows at once and fusion is exact. The default (False) keeps torch.ao's result: each gate
             block of each tensor is pruned on its own, which fusion can only approximate (it warns).
     """
 
-    def __init__(self, defaults: dict[str, Any] | None = None, tie_gates: bool = False, **kwargs: Any):
+    def __init__(self, defaults: dict[str, Any] | None = None, tie_gates: bool = False, *,
+                 sparsity_level: float | None = None, prune_bias: bool | None = None,
+                 target: Budget | Mapping[str, Any] | None = None, allocation: str | None = None,
+                 rules: dict[Any, Rule] | None = None, **kwargs: Any):
         check_flag(tie_gates, "tie_gates", "LSTMSaliencyPruner")
-        if kwargs.get("target") is not None and not tie_gates:
+        if target is not None and not tie_gates:
             raise PruningConfigError("LSTMSaliencyPruner: a target (budget) needs tie_gates=True, so whole hidden "
                                      "units are removed and their cost is known")
-        super().__init__(defaults, **kwargs)
+        super().__init__(defaults, sparsity_level=sparsity_level, prune_bias=prune_bias, target=target,
+                         allocation=allocation, rules=rules, **kwargs)
         self.tie_gates = tie_gates
 
     def check_plan(self, plan: PruningPlan, groups: list[dict[str, Any]]) -> None:

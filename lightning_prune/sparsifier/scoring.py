@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,6 +15,7 @@ from lightning_prune.errors import PrunerStateError, PruningConfigError
 from lightning_prune.fusion.alike import common_removals, signature
 from lightning_prune.fusion.cost import CostModel
 from lightning_prune.fusion.plan import Member, PruningPlan
+from lightning_prune.fusion.rules import Rule
 from lightning_prune.masks import row_mask
 from lightning_prune.sparsifier.base import BaseStructuredSparsifier
 from lightning_prune.sparsifier.budget import Budget, allocate, check_allocation, with_allocation
@@ -68,7 +70,11 @@ class ScoringPruner(BaseStructuredSparsifier):
     Channels pruned earlier score lowest, so a rising schedule only ever adds to the pruned set.
 
     Args:
-        sparsity_level: the fraction of each coupled set's classes to prune, in [0, 1).
+        defaults: the seed's dict of hyper-parameters (``{"sparsity_level": 0.5}``); the keywords win over it.
+        sparsity_level: the fraction of each coupled set's classes to prune, in [0, 1). ``None``: the ``defaults``
+            dict's, else 0.5.
+        prune_bias: also mask and remove the bias and the per-channel affine after each pruned channel. ``None``:
+            the ``defaults`` dict's, else True.
         target: a cost budget instead of ``sparsity_level``: a :class:`~lightning_prune.sparsifier.budget.Budget` or
             a dict such as ``{"macs": 0.5}`` (half the dense MACs; needs ``example_inputs`` at prepare) or
             ``{"params": 0.25, "multiple_of": 8}``. Classes are then ranked across coupled sets (see
@@ -78,6 +84,7 @@ class ScoringPruner(BaseStructuredSparsifier):
             width in each: :mod:`~lightning_prune.fusion.alike`), with ``sparsity_level`` (each family of alike sets
             removes as many classes as its most constrained set can) or a ``target`` (its allocation when the target
             names none); ``"auto"``/``"uniform"`` are the default per-set decisions, ``"global"`` needs a target.
+        rules: fusion rules for this pruner only, as for :class:`BaseStructuredSparsifier`.
 
     Raises:
         PruningConfigError: a bad ``target`` (unknown key, fraction outside (0, 1]), or both ``target`` and
@@ -98,13 +105,17 @@ class ScoringPruner(BaseStructuredSparsifier):
     def row_scores(self, weight: torch.Tensor) -> torch.Tensor:
         """One importance score per row of ``weight`` (higher is kept)."""
 
-    def __init__(self, defaults: dict[str, Any] | None = None, *, target: Any = None, **kwargs: Any):
+    def __init__(self, defaults: dict[str, Any] | None = None, *, sparsity_level: float | None = None,
+                 prune_bias: bool | None = None, target: Budget | Mapping[str, Any] | None = None,
+                 allocation: str | None = None, rules: dict[Any, Rule] | None = None, **kwargs: Any):
+        if allocation is not None:
+            kwargs["allocation"] = allocation
         budget = None if target is None else Budget.parse(target)
-        if budget is not None and ("sparsity_level" in (defaults or {}) or "sparsity_level" in kwargs):
+        if budget is not None and (sparsity_level is not None or "sparsity_level" in (defaults or {})):
             raise PruningConfigError(
                 f"{type(self).__name__}: give either sparsity_level (the same fraction of every layer) or target "
                 f"(a {budget.metric} budget), not both")
-        super().__init__(defaults, **kwargs)
+        super().__init__(defaults, sparsity_level=sparsity_level, prune_bias=prune_bias, rules=rules, **kwargs)
         self.budget: Budget | None = None
         #: the cost model of the budget and, after each step(), the fraction of the dense cost reached
         self.cost: CostModel | None = None

@@ -20,7 +20,7 @@ pruners do.
 from __future__ import annotations
 
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -29,7 +29,9 @@ from torch.utils.hooks import RemovableHandle
 
 from lightning_prune.errors import PrunerStateError, PruningConfigError
 from lightning_prune.fusion.plan import Member
+from lightning_prune.fusion.rules import Rule
 from lightning_prune.masks import ChannelMask
+from lightning_prune.sparsifier.budget import Budget
 from lightning_prune.sparsifier.scoring import ScoringPruner
 
 
@@ -37,9 +39,8 @@ class StatisticsPruner(ScoringPruner):
     """Base of the pruners that score channels from statistics gathered during training.
 
     Args:
+        defaults, sparsity_level, prune_bias, target, rules: as for every :class:`ScoringPruner`.
         beta: the moving average's decay, in [0, 1) (see the module docstring).
-        **kwargs: ``sparsity_level``, ``prune_bias``, ``target`` (a budget) and ``rules``, as for every
-            :class:`ScoringPruner`.
 
     Subclasses register their hooks in :meth:`register_hooks` and feed :meth:`record` one sample per batch.
 
@@ -50,10 +51,14 @@ class StatisticsPruner(ScoringPruner):
     #: what must happen between prepare() and step(), for the error when nothing was seen
     needs = "a training batch"
 
-    def __init__(self, defaults: dict[str, Any] | None = None, *, beta: float = 0.9, **kwargs: Any):
+    def __init__(self, defaults: dict[str, Any] | None = None, *, sparsity_level: float | None = None,
+                 prune_bias: bool | None = None, target: Budget | Mapping[str, Any] | None = None,
+                 allocation: str | None = None, beta: float = 0.9, rules: dict[Any, Rule] | None = None,
+                 **kwargs: Any):
         if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not 0 <= beta < 1:
             raise PruningConfigError(f"{type(self).__name__}: beta must be a number in [0, 1), got {beta!r}")
-        super().__init__(defaults, **kwargs)
+        super().__init__(defaults, sparsity_level=sparsity_level, prune_bias=prune_bias, target=target,
+                         allocation=allocation, rules=rules, **kwargs)
         self.beta = float(beta)
         self._average: torch.Tensor | None = None
         self._counts: torch.Tensor | None = None

@@ -3,6 +3,7 @@ for Neural Network Pruning", CVPR 2019, https://arxiv.org/abs/1906.10771)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -10,6 +11,8 @@ from torch.distributed.tensor import DTensor
 from torch.utils.hooks import RemovableHandle
 
 from lightning_prune.errors import PruningConfigError
+from lightning_prune.fusion.rules import Rule
+from lightning_prune.sparsifier.budget import Budget
 from lightning_prune.sparsifier.statistics import StatisticsPruner, masked_tensors
 
 SAMPLE_POINTS = ("backward", "step")
@@ -33,7 +36,8 @@ class TaylorPruner(StatisticsPruner):
     Gradients are those of the raw (unmasked) parameters; masked rows receive none and are pruned already.
 
     Args:
-        sparsity_level: fraction of each coupled set's channels to prune, in [0, 1) (or give ``target``).
+        defaults, sparsity_level, prune_bias, target, rules: as for every :class:`ScoringPruner`
+            (``sparsity_level``: the fraction of each coupled set's channels to prune, in [0, 1), or give ``target``).
         beta: decay of the moving average over batches, in [0, 1).
         sample: ``"backward"`` (default): hooks registered at ``prepare()`` take one sample per backward pass, from
             that pass's gradients (each micro-batch of gradient accumulation counts; gradients scaled by a
@@ -41,7 +45,6 @@ class TaylorPruner(StatisticsPruner):
             of :meth:`observe`, from the parameters' ``.grad`` at that moment: call it once per optimizer step, after
             ``scaler.unscale_(optimizer)`` and the last micro-batch, before clipping. The Lightning callback does
             this at ``on_before_optimizer_step`` (gradients accumulated, unscaled, averaged over DDP ranks).
-        **kwargs: ``prune_bias``, ``target``, ``rules`` as for every :class:`ScoringPruner`.
 
     Raises:
         PruningConfigError: ``sample`` is not one of ``"backward"``, ``"step"``; a bad ``beta`` or hyper-parameter.
@@ -51,10 +54,14 @@ class TaylorPruner(StatisticsPruner):
     needs = "at least one forward and backward pass"
     comparable_scores = True  # loss changes: summed across a class's members and ranked across layers as they are
 
-    def __init__(self, defaults: dict[str, Any] | None = None, *, sample: str = "backward", **kwargs: Any):
+    def __init__(self, defaults: dict[str, Any] | None = None, *, sparsity_level: float | None = None,
+                 prune_bias: bool | None = None, target: Budget | Mapping[str, Any] | None = None,
+                 allocation: str | None = None, beta: float = 0.9, sample: str = "backward",
+                 rules: dict[Any, Rule] | None = None, **kwargs: Any):
         if sample not in SAMPLE_POINTS:
             raise PruningConfigError(f"TaylorPruner: sample must be one of {list(SAMPLE_POINTS)}, got {sample!r}")
-        super().__init__(defaults, **kwargs)
+        super().__init__(defaults, sparsity_level=sparsity_level, prune_bias=prune_bias, target=target,
+                         allocation=allocation, beta=beta, rules=rules, **kwargs)
         self.sample = sample
 
     def register_hooks(self) -> list[RemovableHandle]:
