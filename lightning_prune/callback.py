@@ -138,6 +138,7 @@ class StructuredPruning(Callback):
         if isinstance(self.pruner, StatisticsPruner):
             self.pruner.sample_at_optimizer_steps()
             self.pruner.sync = mean_over_ranks if trainer.world_size > 1 else None
+            self.pruner.in_training_step = False  # forward hooks count training steps only, in any module mode
 
     def check(self, pl_module: pl.LightningModule, example_input: Any = None) -> list[str]:
         """Check the tensor selection against ``pl_module`` as ``setup`` would, on copies (the module and this
@@ -204,7 +205,15 @@ class StructuredPruning(Callback):
             self.pruner.observe()
 
     @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if isinstance(self.pruner, StatisticsPruner):
+            self.pruner.in_training_step = True
+
+    @override
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if isinstance(self.pruner, StatisticsPruner):
+            self.pruner.in_training_step = False
         step = trainer.global_step
         if self.fused or not self.pruner.groups or step == self.scheduler.last_step:
             return
@@ -355,6 +364,8 @@ class StructuredPruning(Callback):
         if self._hook is not None:  # nothing of the callback stays on the module: it pickles
             self._hook.remove()
             self._hook = None
+        if isinstance(self.pruner, StatisticsPruner):  # hooks left on (prune_on_fit_end=False) count as without us
+            self.pruner.in_training_step = None
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins import MixedPrecision
 
 from lightning_prune import (
+    ActivationPruner,
     BaseStructuredSparsifier,
     PruningConfigError,
     SaliencyPruner,
@@ -189,3 +190,31 @@ def test_the_callback_refuses_a_target_it_cannot_honour():
 
     with pytest.raises(PruningConfigError, match="Custom cannot prune to a budget .* scores channels"):
         StructuredPruning(Custom(), target={"macs": 0.5})
+
+
+class FrozenNormNet(Net):
+    """Net with a BatchNorm after its first layer, fine-tuned in eval mode (frozen statistics)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(),
+                                       torch.nn.Linear(16, 3))
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", torch.nn.functional.cross_entropy(self(batch[0]), batch[1]))
+
+
+@pytest.mark.parametrize("make", [lambda: ActivationPruner(beta=0.5), lambda: TaylorPruner(beta=0.5)],
+                         ids=["activation", "taylor"])
+def test_a_fit_of_a_module_in_eval_mode_samples_at_every_training_step(tmp_path, make):
+    """Lightning keeps the mode the module is in at fit(): model.eval() then fit() is the frozen-BatchNorm recipe.
+    The pruner samples in the training steps (4), not in validation (2 batches per check) or the analysis."""
+    pl.seed_everything(0, verbose=False)
+    model, pruner = FrozenNormNet().eval(), make()
+    statistics = model.net[1].running_mean.clone()
+    trainer = _trainer(tmp_path, [StructuredPruning(pruner, schedule="linear", start_step=1, end_step=3)],
+                       max_steps=4, val_check_interval=2, limit_val_batches=2, num_sanity_val_steps=2)
+    trainer.fit(model, _loader(), _loader(16))
+    assert pruner.samples == 4
+    assert model.net[0].out_features == 8 and model.net[1].num_features == 8
+    assert not model.training and torch.isin(model.net[1].running_mean, statistics).all()  # the kept ones, frozen

@@ -34,7 +34,9 @@ class ActivationPruner(StatisticsPruner):
     channel over all other dims (batch, positions, time), with the channel dims read from the plan's layouts (dim 1
     of a conv output, the last dim of a Linear's, dim 0 of an unbatched input, a head's block of features), and
     averages it over batches as :mod:`~lightning_prune.sparsifier.statistics` describes. Calls in eval mode
-    (validation, the analysis, a verification forward) are not counted. A class that spans several producers (a
+    (validation, the analysis, a verification forward) are not counted. Under the Lightning callback the calls inside
+    a training step count, whatever the module's mode (``model.eval()`` then ``fit``: frozen BatchNorm), and no other
+    call does (:attr:`~StatisticsPruner.in_training_step`). A class that spans several producers (a
     residual stream) sums its members' scores, each scaled to mean 1.
 
     The output is read where the layer produces it, before any normalisation after it: behind a BatchNorm a
@@ -50,7 +52,7 @@ class ActivationPruner(StatisticsPruner):
         UnsupportedPatternError: at ``prepare()``, a configured tensor whose channels are not in its module's output
             (a weight used through ``F.linear`` rather than a module call, an inner layer of a stacked LSTM), or a
             module called at several places with its channels on different dims.
-        PrunerStateError: ``step()`` before any training-mode forward pass.
+        PrunerStateError: ``step()`` before any training-mode forward pass (or, under the callback, training step).
     """
 
     needs = "at least one forward pass"
@@ -68,7 +70,7 @@ class ActivationPruner(StatisticsPruner):
         ids = layout.labels.reshape(-1)[live]
 
         def on_forward(module: nn.Module, args: Any, output: Any) -> None:
-            if not module.training or module is not site.module:  # eval calls, or a deep copy of the model
+            if not self.counts(module) or module is not site.module:  # eval calls, or a deep copy of the model
                 return
             for index in site.path:
                 output = output[index]

@@ -66,6 +66,10 @@ class StatisticsPruner(ScoringPruner):
         #: called with :meth:`statistics` before every decision, its result loaded: e.g. :func:`mean_over_ranks`
         #: (every rank must then decide at the same points; the Lightning callback sets it under DDP)
         self.sync: Callable[[torch.Tensor], torch.Tensor] | None = None
+        #: which forward calls a forward hook counts: ``None`` (the default, without Lightning) those in training
+        #: mode; the Lightning callback sets True during each training step and False outside them, whatever the
+        #: module's mode (a fit of a module in eval mode, frozen BatchNorm, samples at every step)
+        self.in_training_step: bool | None = None
 
     def row_scores(self, weight: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} scores channels from training statistics, not weights")
@@ -94,6 +98,10 @@ class StatisticsPruner(ScoringPruner):
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+    def counts(self, module: nn.Module) -> bool:
+        """Whether a forward call of ``module`` now is a sample (see :attr:`in_training_step`)."""
+        return module.training if self.in_training_step is None else self.in_training_step
 
     def observe(self) -> None:
         """Take a sample from the state of the model now (e.g. its ``.grad``), where the pruner samples on request
