@@ -272,6 +272,7 @@ class StructuredPruning(Callback):
             "schedule_completed": self.scheduler.completed_at is not None,
             "last_pruning_step": last,
             "steps_after_last_pruning": None if last is None or final is None else final - last,
+            "budget": self.pruner.budget_landing(),  # under a target: where the last step landed
         }
 
     # -- fusion -------------------------------------------------------------------------------------------------
@@ -346,7 +347,7 @@ class StructuredPruning(Callback):
         if before.macs is not None and after.macs is not None:
             metrics.update({"pruning/macs_before": before.macs, "pruning/macs": after.macs})
         _log_metrics(trainer, metrics)
-        rank_zero_info(fusion_summary(before, after))
+        rank_zero_info(fusion_summary(before, after, self.pruner.budget_landing()))
 
     # -- checkpointing ------------------------------------------------------------------------------------------
     def _before_load(self, module: torch.nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:

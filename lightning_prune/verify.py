@@ -149,8 +149,9 @@ def module_shapes(model: torch.nn.Module) -> dict[str, list[tuple[str, tuple[int
     return {module: sorted(tensors) for module, tensors in shapes.items()}
 
 
-def fusion_summary(before: Snapshot, after: Snapshot) -> str:
-    """Every module whose tensors changed shape (channels in -> out where its type is known), params and MACs."""
+def fusion_summary(before: Snapshot, after: Snapshot, landing: dict[str, Any] | None = None) -> str:
+    """Every module whose tensors changed shape (channels in -> out where its type is known), params and MACs, and
+    under a cost budget where it landed (``landing``: :meth:`ScoringPruner.budget_landing`)."""
     lines = ["StructuredPruning: fused", f"{'layer':<40} {'channels (in, out)':>28}"]
     for name, shapes in before.shapes.items():
         if after.shapes.get(name) == shapes:
@@ -164,4 +165,10 @@ def fusion_summary(before: Snapshot, after: Snapshot) -> str:
         lines.append(f"MACs per sample {before.macs:,} -> {after.macs:,}{basis}")
     else:
         lines.append(f"MACs not counted: {before.macs_error or after.macs_error or 'no example input'}")
+    if landing is not None:
+        resolution = landing["resolution"]
+        cheapest = "no class can go further" if resolution is None else \
+            f"the cheapest class left would save {resolution:.4f}"
+        lines.append(f"budget {landing['metric']}={landing['budget']}: landed at {landing['reached']:.4f} of the dense "
+                     f"{landing['metric']} ({landing['budget'] - landing['reached']:.4f} below; {cheapest})")
     return "\n".join(lines)

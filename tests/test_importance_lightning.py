@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import textwrap
 
 import lightning.pytorch as pl
@@ -18,6 +19,10 @@ from lightning_prune import (
     StructuredPruning,
     TaylorPruner,
 )
+from lightning_prune.app.data import DigitsDataModule
+from lightning_prune.app.models import DigitsCNN
+from lightning_prune.app.module import LitClassifier
+from tests.test_budget import _cheapest_digits_cnn_class
 from tests.runs import run_ddp_script
 
 SCRIPT = textwrap.dedent(
@@ -218,3 +223,21 @@ def test_a_fit_of_a_module_in_eval_mode_samples_at_every_training_step(tmp_path,
     assert pruner.samples == 4
     assert model.net[0].out_features == 8 and model.net[1].num_features == 8
     assert not model.training and torch.isin(model.net[1].running_mean, statistics).all()  # the kept ones, frozen
+
+
+@pytest.mark.parametrize("make", [ActivationPruner, TaylorPruner], ids=["activation", "taylor"])
+def test_a_macs_budget_through_the_callback_lands_within_the_cheapest_class_and_says_where(tmp_path, caplog, make):
+    """The digits CNN (3 conv-BN-ReLU) on digits, a linear ramp over 0.2-0.6 of 3 epochs (10 batches each) to half
+    the dense MACs: ActivationPruner landed 1.5 cheapest channels below the budget (0.4921), its last step left with
+    costly ones only."""
+    pl.seed_everything(0, verbose=False)
+    module = LitClassifier(DigitsCNN(), functools.partial(torch.optim.AdamW, lr=2e-3))
+    pruning = StructuredPruning(make(target={"macs": 0.5}), schedule="linear", start_step=0.2, end_step=0.6)
+    with caplog.at_level("INFO", logger="lightning.pytorch"):
+        _trainer(tmp_path, [pruning], max_epochs=3, limit_train_batches=10, limit_val_batches=0,
+                 num_sanity_val_steps=0).fit(module, DigitsDataModule())
+    landing = pruning.summary()["budget"]
+    cheapest = _cheapest_digits_cnn_class(module.net) / 599_680  # the dense MACs per sample
+    assert landing["resolution"] == pytest.approx(cheapest)
+    assert 0.5 - cheapest < landing["reached"] <= 0.5
+    assert f"budget macs=0.5: landed at {landing['reached']:.4f} of the dense macs" in caplog.text

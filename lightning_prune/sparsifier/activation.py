@@ -44,7 +44,7 @@ class ActivationPruner(StatisticsPruner):
     whose Linear outputs feed the next op directly.
 
     Args (those of :class:`StatisticsPruner`):
-        defaults, sparsity_level, prune_bias, target, rules: as for every :class:`ScoringPruner`
+        defaults, sparsity_level, prune_bias, target, allocation, rules: as for every :class:`ScoringPruner`
             (``sparsity_level``: the fraction of each coupled set's channels to prune, in [0, 1), or give ``target``).
         beta: decay of the moving average over batches, in [0, 1).
 

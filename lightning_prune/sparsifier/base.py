@@ -192,6 +192,11 @@ class BaseStructuredSparsifier(abc.ABC):
         raise PruningConfigError(f"{type(self).__name__} cannot prune to a budget (target={target!r}): use a pruner "
                                  "that scores channels (SaliencyPruner, FPGMPruner, TaylorPruner, ActivationPruner)")
 
+    def budget_landing(self) -> dict[str, Any] | None:
+        """Where the last ``step()`` landed under a cost budget (see :meth:`ScoringPruner.budget_landing`); None
+        here: this pruner prunes no budget."""
+        return None
+
     def check_plan(self, plan: PruningPlan, groups: list[dict[str, Any]]) -> None:
         """Refuse, before any mask is attached, a plan this pruner cannot work with (raise PruningConfigError or
         UnsupportedPatternError naming the fix). The default accepts every plan."""

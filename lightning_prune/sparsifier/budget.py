@@ -8,18 +8,20 @@ fits. Costs come from :class:`~lightning_prune.fusion.cost.CostModel`, exact for
 greedy knapsack, as HALP does with Taylor importance and latency: Shen et al., "Structural Pruning via Latency-Saliency
 Knapsack", NeurIPS 2022), re-measuring the exact cost after each pass, then putting back the most valuable removals
 that still fit and, when only coarse classes (heads) were left to remove and the cost fell more than 1% below the
-budget, trading one back for smaller ones. On a ramp each step removes only classes that the final budget's plan (made
-at that step) removes, so the small classes are not spent before the last step. Scores in loss units (Taylor's) are
+budget, trading one back for smaller ones. Scores in loss units (Taylor's) are
 compared as they are. Other scores (norms, distances, activations) mean nothing across layers, so each set's are first
 divided by their mean over its kept, removable classes (Torch-Pruning's "mean" normaliser): every set then averages 1,
 and the cost decides more. ``allocation="uniform"`` removes the same fraction of every set's classes, the smallest
 fraction that fits (found by bisection), then puts back what still fits as above. ``allocation="uniform_layers"`` does
 the same with the sets that are alike across layers (:mod:`lightning_prune.fusion.alike`: every layer's heads, every
 layer's FFN) held at one width and put back together, so every layer of a stack stays alike (for a Hugging Face config
-that plain ``from_pretrained``, vLLM and TGI load). ``allocation="auto"`` (the default) is global for scores in loss
-units and uniform for the others: in ``benchmarks/study.py`` (see benchmarks/RESULTS.md) global ranking of normalised
-norms, distances and activations cost 2-16 points of accuracy on the CNNs at a quarter of the MACs and 10-13 on the
-ViT at half, while global Taylor was the best or level.
+that plain ``from_pretrained``, vLLM and TGI load). Global and uniform allocations then swap single removals
+while that lands closer below the budget (to the resolution of the cheapest class), and on a ramp each step removes
+only classes that the final budget's plan (made at that step) removes, so the small classes are not spent before the
+last step. ``allocation="auto"`` (the default)
+is global for scores in loss units and uniform for the others: in ``benchmarks/study.py`` (see benchmarks/RESULTS.md)
+global ranking of normalised norms, distances and activations cost 2-16 points of accuracy on the CNNs at a quarter of
+the MACs and 10-13 on the ViT at half, while global Taylor was the best or level.
 
 Minimum widths: every configured layer keeps at least ``min_channels`` channels (and always one), and with
 ``multiple_of`` a width that is a multiple of it (or its full width). Classes removed earlier stay removed, so a budget
@@ -28,6 +30,7 @@ ramped by a schedule only ever adds to the pruned set.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import math
 import numbers
@@ -150,6 +153,16 @@ class _Set:
     widths: list[int]  # allowed widths in classes, from the current one down
 
 
+@dataclass
+class _Set:
+    """One coupled set as the allocator sees it: classes in removal order and the widths it may take."""
+
+    cs: ClassSet
+    scores: torch.Tensor  # normalised, one per class of cs
+    order: torch.Tensor  # positions in cs.classes of the removable kept classes, lowest score first
+    widths: list[int]  # allowed widths in classes, from the current one down
+
+
 def allocate(sets: list[tuple[ClassSet, torch.Tensor]], cost: CostModel, budget: Budget, kept: torch.Tensor,
              ratio: float, normalise: bool = True) -> float:
     """Remove classes from ``kept`` (a bool per channel id, at class roots; changed in place) until the cost is at
@@ -157,30 +170,39 @@ def allocate(sets: list[tuple[ClassSet, torch.Tensor]], cost: CostModel, budget:
     (removed classes -inf, blocked +inf); ``normalise=False`` ranks them as they are (scores in the same units
     everywhere). Returns more than the target only where the width floors forbid it.
 
-    On a ramp (``ratio`` above the budget's), global allocation removes only classes that the budget's own
-    allocation, planned now, would remove: otherwise early steps could spend the small classes (MLP widths) and leave
-    the last step only coarse ones (heads), landing well below the budget."""
+    On a ramp (``ratio`` above the budget's), each step removes only classes that the budget's own allocation,
+    planned now, would remove: otherwise early steps could spend the small classes (MLP widths, the cheap channels of
+    a late conv) and leave the last step only coarse ones (heads, costly channels), landing well below the budget.
+
+    At the budget itself (no ramp, or its last step) both allocations end with :func:`_exchange`, so the cost lands
+    as close below the budget as single swaps of classes allow. The steps of a ramp and their plans skip it: swaps
+    made for precision at every step would add up, drifting a uniform allocation away from uniform."""
     views = [_view(cs, scores, budget, normalise) for cs, scores in sets]
+    final = ratio <= budget.ratio
     if budget.allocation == "uniform_layers":
+        # alike sets keep one width, so single-set swaps (tighten, exchange) would break them apart
         alike = families([signature((m.tensor_fqn for m in v.cs.members), v.cs.classes.numel()) for v in views])
-        return _uniform(views, cost, kept, ratio * cost.dense, alike)
-    if budget.allocation == "uniform" or budget.allocation == "auto" and normalise:
-        return _uniform(views, cost, kept, ratio * cost.dense, [[i] for i in range(len(views))])
-    if ratio > budget.ratio:
-        plan = kept.clone()
-        plan_steps = _spend(views, cost, plan, budget.ratio * cost.dense)
+        spend = functools.partial(_uniform, units=alike, precise=False)
+    elif budget.allocation == "uniform" or budget.allocation == "auto" and normalise:
+        spend = functools.partial(_uniform, units=[[i] for i in range(len(views))], precise=True)
+    else:
+        spend = _spend
+    if not final:
+        plan_steps = spend(views, cost, kept.clone(), budget.ratio * cost.dense, False)
         for view, taken in zip(views, plan_steps, strict=True):
             del view.widths[taken + 1:]
-    _spend(views, cost, kept, ratio * cost.dense)
+    spend(views, cost, kept, ratio * cost.dense, final)
     return cost.total(kept)
 
 
-def _spend(views: list[_Set], cost: CostModel, kept: torch.Tensor, target: float) -> list[int]:
+def _spend(views: list[_Set], cost: CostModel, kept: torch.Tensor, target: float, exchange: bool) -> list[int]:
     """Global allocation into ``kept``; returns how many of each view's widths it took."""
     steps = [0] * len(views)
     touched: set[int] = set()
     total = _global(views, cost, kept, target, steps, touched)
-    _tighten(views, cost, kept, target, total, steps, touched)
+    total = _tighten(views, cost, kept, target, total, steps, touched)
+    if exchange:
+        _exchange(views, cost, kept, target, total, steps, touched)
     return steps
 
 
@@ -236,43 +258,47 @@ def _global(views: list[_Set], cost: CostModel, kept: torch.Tensor, target: floa
 
 
 def _take(view: _Set, steps: list[int], i: int, kept: torch.Tensor, touched: set[int]) -> None:
-    start, stop = view.widths[0] - view.widths[steps[i]], view.widths[0] - view.widths[steps[i] + 1]
-    _remove(view, kept, start, stop)
+    _remove(view, kept, *_span(view, steps[i]))
     steps[i] += 1
     touched.add(i)
 
 
 def _unit_saving(view: _Set, step: int, savings: torch.Tensor) -> float:
-    start, stop = view.widths[0] - view.widths[step], view.widths[0] - view.widths[step + 1]
+    start, stop = _span(view, step)
     return float(savings[view.cs.classes[view.order[start:stop]]].sum())
 
 
 def _unit_ratio(view: _Set, step: int, savings: torch.Tensor) -> float:
     """Normalised score lost per unit of cost saved by the view's next removal."""
-    start, stop = view.widths[0] - view.widths[step], view.widths[0] - view.widths[step + 1]
+    start, stop = _span(view, step)
     saved = _unit_saving(view, step, savings)
     return float(view.scores[view.order[start:stop]].sum()) / saved if saved > 0 else math.inf
 
 
 def _tighten(views: list[_Set], cost: CostModel, kept: torch.Tensor, target: float, total: float,
              steps: list[int], touched: set[int]) -> float:
-    """When only coarse removals were left (heads) and the cost fell more than TOLERANCE below the target: put back
-    one view's last removal and take smaller ones elsewhere instead, keeping whichever lands closest below it."""
+    """When the cost fell below the target by more than the cheapest removal left would save, or by more than
+    TOLERANCE (only coarse removals were left: heads): put back one view's last removal and take smaller ones
+    elsewhere instead, keeping whichever lands closest below it."""
+    resolution = _cheapest(views, steps, cost.savings(kept))
+    if resolution is None or target - total <= min(resolution, TOLERANCE * cost.dense):
+        return total
     best = None
-    for i in sorted(touched) if target - total > TOLERANCE * cost.dense else []:
+    for i in sorted(touched):
         if steps[i] == 0:
             continue
-        trial, trial_steps = kept.clone(), list(steps)
+        trial, trial_steps, trial_touched = kept.clone(), list(steps), set(touched)
         view = views[i]
-        _remove(view, trial, view.widths[0] - view.widths[steps[i] - 1], view.widths[0] - view.widths[steps[i]], True)
+        _remove(view, trial, *_span(view, steps[i] - 1), True)
         trial_steps[i] -= 1
-        reached = _global(views, cost, trial, target, trial_steps, set(touched), frozen=i)
+        reached = _global(views, cost, trial, target, trial_steps, trial_touched, frozen=i)
         if total < reached <= target and (best is None or reached > best[0]):
-            best = (reached, trial, trial_steps)
+            best = (reached, trial, trial_steps, trial_touched)
     if best is None:
         return total
     kept.copy_(best[1])
     steps[:] = best[2]
+    touched.update(best[3])
     return best[0]
 
 
@@ -280,21 +306,19 @@ def _refill(views: list[_Set], cost: CostModel, kept: torch.Tensor, target: floa
             steps: list[int], units: list[list[int]]) -> float:
     """Put back the last removal of each unit's views (together) while the cost still fits, the most valuable per
     unit of cost first."""
-    def span(i: int) -> tuple[int, int]:
-        return views[i].widths[0] - views[i].widths[steps[i] - 1], views[i].widths[0] - views[i].widths[steps[i]]
-
     while True:
         best = None
         for unit in units:
             if any(steps[i] == 0 for i in unit):
                 continue
             for i in unit:
-                _remove(views[i], kept, *span(i), True)
+                _remove(views[i], kept, *_span(views[i], steps[i] - 1), True)
             restored = cost.total(kept)
             for i in unit:
-                _remove(views[i], kept, *span(i))
+                _remove(views[i], kept, *_span(views[i], steps[i] - 1))
             if restored <= target:
-                score = sum(float(views[i].scores[views[i].order[slice(*span(i))]].sum()) for i in unit)
+                score = sum(float(views[i].scores[views[i].order[slice(*_span(views[i], steps[i] - 1))]].sum())
+                            for i in unit)
                 value = score / max(restored - total, 1e-12)
                 if best is None or value > best[0]:
                     best = (value, unit, restored)
@@ -302,13 +326,15 @@ def _refill(views: list[_Set], cost: CostModel, kept: torch.Tensor, target: floa
             return total
         _, unit, total = best
         for i in unit:
-            _remove(views[i], kept, *span(i), True)
+            _remove(views[i], kept, *_span(views[i], steps[i] - 1), True)
             steps[i] -= 1
 
 
-def _uniform(views: list[_Set], cost: CostModel, kept: torch.Tensor, target: float, units: list[list[int]]) -> float:
-    """The smallest common fraction of each view's classes whose removal fits the target, then the refill; the views
-    of a unit keep one width (the widest any of them takes) and are put back together."""
+def _uniform(views: list[_Set], cost: CostModel, kept: torch.Tensor, target: float, exchange: bool, *,
+             units: list[list[int]], precise: bool) -> list[int]:
+    """The smallest common fraction of each view's classes whose removal fits the target, then the refill (and with
+    ``exchange`` and ``precise``, :func:`_tighten` and :func:`_exchange`); the views of a unit keep one width (the
+    widest any of them takes) and are put back together. Returns how many of each view's widths it took."""
     original = kept.clone()
     steps = [0] * len(views)
 
@@ -325,7 +351,7 @@ def _uniform(views: list[_Set], cost: CostModel, kept: torch.Tensor, target: flo
 
     low, high = 0.0, 1.0
     if apply(high) > target:
-        return apply(high)
+        return steps
     for _ in range(30):
         middle = (low + high) / 2
         if apply(middle) <= target:
@@ -333,4 +359,66 @@ def _uniform(views: list[_Set], cost: CostModel, kept: torch.Tensor, target: flo
         else:
             low = middle
     total = apply(high)
-    return _refill(views, cost, kept, target, total, steps, [u for u in units if any(steps[i] for i in u)])
+    total = _refill(views, cost, kept, target, total, steps, [u for u in units if any(steps[i] for i in u)])
+    touched = {i for i, step in enumerate(steps) if step}
+    if exchange and precise:
+        total = _tighten(views, cost, kept, target, total, steps, touched)
+        _exchange(views, cost, kept, target, total, steps, touched)
+    return steps
+
+
+def _exchange(views: list[_Set], cost: CostModel, kept: torch.Tensor, target: float, total: float,
+              steps: list[int], touched: set[int]) -> float:
+    """Close the gap below the target to the resolution of the cheapest class: put back one view's last removal of
+    this allocation (the most valuable of its removals) and take another view's next one instead (its least valuable
+    class), or nothing, the swap landing closest below the target first, while one lands closer. Candidates are
+    estimated from the exact single-removal savings and checked with the exact cost before one is kept."""
+    for _ in range(len(views) + 1):  # each swap raises the cost; bounded so huge plans stay cheap
+        candidates = []
+        for i in sorted(touched):
+            if steps[i] == 0:
+                continue
+            back = _span(views[i], steps[i] - 1)
+            _remove(views[i], kept, *back, True)
+            restored, savings = cost.total(kept), cost.savings(kept)
+            _remove(views[i], kept, *back)
+            candidates.append((restored, i, None))
+            candidates += [(restored - _unit_saving(view, steps[j], savings), i, j) for j, view in enumerate(views)
+                           if j != i and steps[j] + 1 < len(view.widths)]
+        for _estimate, i, j in sorted((c for c in candidates if total < c[0] <= target), reverse=True,
+                                      key=lambda c: c[0]):
+            trial, trial_steps = kept.clone(), list(steps)
+            _remove(views[i], trial, *_span(views[i], steps[i] - 1), True)
+            trial_steps[i] -= 1
+            if j is not None:
+                _remove(views[j], trial, *_span(views[j], steps[j]))
+                trial_steps[j] += 1
+            reached = cost.total(trial)
+            if total < reached <= target:
+                kept.copy_(trial)
+                steps[:] = trial_steps
+                touched.update(() if j is None else (j,))
+                total = reached
+                break
+        else:
+            return total
+    return total
+
+
+def _cheapest(views: list[_Set], steps: list[int], savings: torch.Tensor) -> float | None:
+    """What the cheapest next removal of any view would save (None when the floors allow none)."""
+    found = [_unit_saving(view, steps[j], savings) for j, view in enumerate(views) if steps[j] + 1 < len(view.widths)]
+    return min(found) if found else None
+
+
+def _span(view: _Set, step: int) -> tuple[int, int]:
+    """The positions in ``view.order`` that its removal number ``step`` (from ``widths[step]`` to the next) takes."""
+    return view.widths[0] - view.widths[step], view.widths[0] - view.widths[step + 1]
+
+
+def smallest_removal(sets: list[tuple[ClassSet, torch.Tensor]], cost: CostModel, budget: Budget,
+                     kept: torch.Tensor) -> float | None:
+    """The cost the cheapest further removal would save from ``kept`` (one class, or a ``multiple_of`` step),
+    within the width floors: the resolution a budget can be met to. None when nothing more can go."""
+    views = [_view(replace(cs, kept=kept[cs.classes]), scores, budget, False) for cs, scores in sets]
+    return _cheapest(views, [0] * len(views), cost.savings(kept))

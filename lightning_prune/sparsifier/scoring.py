@@ -18,7 +18,7 @@ from lightning_prune.fusion.plan import Member, PruningPlan
 from lightning_prune.fusion.rules import Rule
 from lightning_prune.masks import row_mask
 from lightning_prune.sparsifier.base import BaseStructuredSparsifier
-from lightning_prune.sparsifier.budget import Budget, allocate, check_allocation, with_allocation
+from lightning_prune.sparsifier.budget import Budget, allocate, check_allocation, smallest_removal, with_allocation
 
 
 @dataclass
@@ -120,6 +120,8 @@ class ScoringPruner(BaseStructuredSparsifier):
         #: the cost model of the budget and, after each step(), the fraction of the dense cost reached
         self.cost: CostModel | None = None
         self.budget_reached: float | None = None
+        #: after each step() under a budget, what the cheapest further removal would save, a fraction of dense
+        self.budget_resolution: float | None = None
         if budget is not None:
             self.use_budget(budget)
         check_allocation(self.defaults.get("allocation"), self.budget, type(self).__name__)
@@ -209,6 +211,17 @@ class ScoringPruner(BaseStructuredSparsifier):
         for cs, _ in sets:
             cs.write(kept[cs.classes])
         self.budget_reached = reached / self.cost.dense
+        cheapest = smallest_removal(sets, self.cost, self.budget, kept)
+        self.budget_resolution = None if cheapest is None else cheapest / self.cost.dense
+
+    def budget_landing(self) -> dict[str, Any] | None:
+        """Where the last ``step()`` landed under the budget, in plain types: ``{"metric", "budget", "reached",
+        "resolution"}``, fractions of the dense cost (``resolution``: what the cheapest further removal would save;
+        None when the width floors allow none). None without a budget or before the first step."""
+        if self.budget is None or self.budget_reached is None:
+            return None
+        return {"metric": self.budget.metric, "budget": self.budget.ratio, "reached": self.budget_reached,
+                "resolution": self.budget_resolution}
 
     def class_set(self, members: list[Member]) -> ClassSet:
         """The classes of ``members``' rows, which of them the masks keep, and which nothing blocks (the classes are

@@ -39,7 +39,7 @@ class StatisticsPruner(ScoringPruner):
     """Base of the pruners that score channels from statistics gathered during training.
 
     Args:
-        defaults, sparsity_level, prune_bias, target, rules: as for every :class:`ScoringPruner`.
+        defaults, sparsity_level, prune_bias, target, allocation, rules: as for every :class:`ScoringPruner`.
         beta: the moving average's decay, in [0, 1) (see the module docstring).
 
     Subclasses register their hooks in :meth:`register_hooks` and feed :meth:`record` one sample per batch.

@@ -36,7 +36,7 @@ class TaylorPruner(StatisticsPruner):
     Gradients are those of the raw (unmasked) parameters; masked rows receive none and are pruned already.
 
     Args:
-        defaults, sparsity_level, prune_bias, target, rules: as for every :class:`ScoringPruner`
+        defaults, sparsity_level, prune_bias, target, allocation, rules: as for every :class:`ScoringPruner`
             (``sparsity_level``: the fraction of each coupled set's channels to prune, in [0, 1), or give ``target``).
         beta: decay of the moving average over batches, in [0, 1).
         sample: ``"backward"`` (default): hooks registered at ``prepare()`` take one sample per backward pass, from
