@@ -22,8 +22,8 @@ from lightning_prune import (
 from lightning_prune.app.data import DigitsDataModule
 from lightning_prune.app.models import DigitsCNN
 from lightning_prune.app.module import LitClassifier
-from tests.test_budget import _cheapest_digits_cnn_class
 from tests.runs import run_ddp_script
+from tests.test_budget import _cheapest_digits_cnn_class
 
 SCRIPT = textwrap.dedent(
     '''
