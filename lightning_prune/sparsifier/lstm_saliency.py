@@ -21,8 +21,8 @@ class LSTMSaliencyPruner(SaliencyPruner):
     """Prunes LSTM rows by L1 saliency.
 
     Args:
-        defaults, sparsity_level, prune_bias, target, allocation, rules: as for every :class:`ScoringPruner` (a ``target``
-            needs ``tie_gates=True``).
+        defaults, sparsity_level, prune_bias, target, allocation, rules: as for every :class:`ScoringPruner` (a
+            ``target`` needs ``tie_gates=True``).
         tie_gates: decide per hidden unit, with a layer's ``weight_ih`` and ``weight_hh`` together, so a unit loses
             all its gate rows at once and fusion is exact. The default (False) keeps torch.ao's result: each gate
             block of each tensor is pruned on its own, which fusion can only approximate (it warns).
