@@ -2,6 +2,7 @@
 
 from lightning_prune.callback import StructuredPruning
 from lightning_prune.checkpoint import load_pruned, narrow_to_state_dict
+from lightning_prune.distill import Distillation
 from lightning_prune.errors import (
     OutputReachedError,
     PrunerStateError,
@@ -45,6 +46,7 @@ __all__ = [
     "BlockingRule",
     "ChannelwiseRule",
     "ContainerRule",
+    "Distillation",
     "ElementwiseRule",
     "FPGMPruner",
     "FakeStructuredSparsity",
