@@ -6,8 +6,8 @@ from __future__ import annotations
 import copy
 import math
 import pickle
+import textwrap
 
-import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,6 +18,7 @@ from lightning_prune import Distillation, PruningConfigError
 from lightning_prune.distill import kl_divergence
 from lightning_prune.masks import has_masks_anywhere
 from tests.test_callback import CLASSES, IN, TinyClassifier, loader, pruning, trainer_for
+from tests.test_ddp import run_ddp_script
 
 
 class Recorder(Callback):
@@ -212,7 +213,8 @@ def test_setup_refuses_manual_optimization_an_unknown_module_and_a_pruned_model(
     manual = TinyClassifier()
     manual.automatic_optimization = False
     fit_raises(tmp_path, manual, Distillation(), "manual optimization")
-    fit_raises(tmp_path, TinyClassifier(), Distillation(module="body"), r"no submodule 'body'; its children are \['net'\]")
+    fit_raises(tmp_path, TinyClassifier(), Distillation(module="body"),
+               r"no submodule 'body'; its children are \['net'\]")
     prepared = TinyClassifier()
     prune = pruning(0.5)
     prune.pruner.prepare(prepared, None)
@@ -233,3 +235,83 @@ def test_resuming_with_a_dense_copy_is_refused_and_an_explicit_teacher_resumes(t
     distillation = Distillation(teacher=dense)
     trainer_for(tmp_path, [distillation], max_epochs=2).fit(resumed, loader(), ckpt_path=tmp_path / "mid.ckpt")
     assert distillation.teacher is dense
+
+
+DDP_SCRIPT = textwrap.dedent(
+    '''
+    import copy
+    import sys
+    from pathlib import Path
+
+    import lightning.pytorch as pl
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_prune import Distillation, SaliencyPruner, StructuredPruning
+    from lightning_prune.distill import kl_divergence
+
+
+    class Net(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+            self.seen = []
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, batch_idx):
+            logits = self(batch[0])
+            loss = F.cross_entropy(logits, batch[1])
+            self.seen.append((batch[0], loss.detach(), logits.detach().clone()))
+            return loss
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+    class Totals(pl.Callback):
+        def __init__(self):
+            self.losses = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.losses.append(outputs["loss"].detach().clone())
+
+
+    if __name__ == "__main__":
+        out = Path(sys.argv[1])
+        torch.manual_seed(0)
+        dense = Net()  # rank 0's model, which DDP gives every rank
+        rank = int(__import__("os").environ.get("LOCAL_RANK", 0))
+        torch.manual_seed(rank)  # so each rank builds other weights, and a copy at setup differs per rank
+        model = Net()
+        distillation, totals = Distillation(alpha=0.5, temperature=2.0), Totals()
+        pruning = StructuredPruning(SaliencyPruner(sparsity_level=0.5), start_step=1)
+        trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=2,
+                             callbacks=[distillation, pruning, totals], logger=False, enable_progress_bar=False,
+                             enable_model_summary=False, enable_checkpointing=False, default_root_dir=out)
+        generator = torch.Generator().manual_seed(0)
+        data = TensorDataset(torch.randn(32, 8, generator=generator), torch.randint(0, 3, (32,), generator=generator))
+        trainer.fit(model, DataLoader(data, batch_size=8))
+        with torch.no_grad():
+            expected = [task + 0.5 * 4.0 * kl_divergence(dense(x), logits, 2.0) for x, task, logits in model.seen]
+        torch.save({"teacher": distillation.teacher.state_dict(), "dense": dense.state_dict(),
+                    "student": model.state_dict(), "losses": totals.losses, "expected": expected,
+                    "fused": pruning.fused}, out / f"rank{trainer.global_rank}.pt")
+        torch.distributed.destroy_process_group()
+    '''
+)
+
+
+def test_under_ddp_every_rank_distils_from_rank_zeros_dense_model(tmp_path):
+    run = run_ddp_script(tmp_path, DDP_SCRIPT)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    for rank in ranks:
+        assert rank["fused"] and rank["student"]["net.0.weight"].shape == (8, 8)
+        assert all(torch.equal(rank["teacher"][k], rank["dense"][k]) for k in rank["dense"])
+        assert len(rank["losses"]) == len(rank["expected"]) == 4  # 2 epochs of 2 batches per rank
+        assert torch.allclose(torch.stack(rank["losses"]), torch.stack(rank["expected"]), rtol=1e-5)
+    assert all(torch.equal(ranks[0]["student"][k], ranks[1]["student"][k]) for k in ranks[0]["student"])
