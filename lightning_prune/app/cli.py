@@ -17,11 +17,12 @@ CONFIG_PATH = "pkg://lightning_prune.app.conf"
 
 @hydra.main(config_path=CONFIG_PATH, config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float:
-    """One run; returns the pruned model's validation accuracy, the value a Hydra sweeper would optimise. A config
-    the pruner refuses (checked before training) ends the run with its message, not a traceback."""
+    """One run; returns the pruned model's validation score (``val_<cfg.score>``: accuracy, or the language model's
+    perplexity), the value a Hydra sweeper would optimise. A config the pruner refuses (checked before training) ends
+    the run with its message, not a traceback."""
     route_logs_to_hydra()
     try:
-        return run(cfg)["val_acc"]
+        return run(cfg)[f"val_{cfg.get('score', 'acc')}"]
     except (PruningConfigError, UnsupportedPatternError) as error:
         raise SystemExit(f"{type(error).__name__}: {error}") from None
 

@@ -13,10 +13,11 @@ from typing import Any
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from lightning.pytorch import LightningModule, Trainer, seed_everything
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer, seed_everything
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_prune.app.data import DigitsDataModule
+from lightning_prune.app.lm_data import StdlibDataModule
 from lightning_prune.measure import count_macs, count_params, latency_ms
 from lightning_prune.report import METRICS_FILE
 
@@ -33,25 +34,28 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     ``compose(..., return_hydra_config=True)``): the overrides and group choices go into metrics.json.
     Everything that can be checked without training is checked before the dense baseline trains: the pruner and
     schedule (when the callbacks are built), and the tensors against the model (``StructuredPruning.check``).
+    The model is judged by ``cfg.score``: the module logs ``val_<score>`` and ``test_<score>`` (``acc`` for the
+    classifiers, ``ppl`` for the language model), and metrics.json holds them under those names.
     """
+    score = cfg.get("score", "acc")
     started = time.perf_counter()
     if cfg.torch_threads is not None:
         torch.set_num_threads(cfg.torch_threads)
     output_dir = Path(cfg.output_dir)
     log.info(f"Writing outputs to {output_dir}")
-    datamodule: DigitsDataModule = instantiate(cfg.data)
+    datamodule: DigitsDataModule | StdlibDataModule = instantiate(cfg.data)
     example_input = datamodule.example_input(cfg.measure.batch_size)
     callbacks = instantiate(cfg.callbacks)
     pruning = callbacks["pruning"]
     if cfg.get("explain", False):  # +explain=true: print the plan and stop, nothing trained
         plan = pruning.explain(instantiate(cfg.module), example_input[:1])
         print(plan)
-        return {"val_acc": None, "plan": plan.to_dict()}
+        return {f"val_{score}": None, "plan": plan.to_dict()}
     pruning.check(instantiate(cfg.module), example_input[:2])
 
-    dense_val_acc = dense_test_acc = None
+    dense_val = dense_test = None
     if cfg.dense_baseline:
-        dense_val_acc, dense_test_acc = _train_dense_baseline(cfg, datamodule)
+        dense_val, dense_test = _train_dense_baseline(cfg, datamodule, score)
 
     seed_everything(cfg.seed, workers=True)
     module: LightningModule = instantiate(cfg.module)
@@ -59,7 +63,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     dense_net = copy.deepcopy(module.net)
     trainer: Trainer = instantiate(cfg.trainer, callbacks=list(callbacks.values()))
     trainer.fit(module, datamodule=datamodule)
-    val_acc, test_acc = _evaluate(trainer, module, datamodule)
+    val, test = _evaluate(trainer, module, datamodule, score)
     # Dense and pruned timed back to back, so a change in machine load between them cannot pose as a speed-up.
     before = _measure(dense_net, example_input, cfg.measure)
     after = _measure(module.net, example_input, cfg.measure)
@@ -78,10 +82,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "measure_batch_size": cfg.measure.batch_size,
         **{f"{name}_before": value for name, value in before.items()},
         **{f"{name}_after": value for name, value in after.items()},
-        "val_acc": val_acc,
-        "test_acc": test_acc,
-        "dense_val_acc": dense_val_acc,
-        "dense_test_acc": dense_test_acc,
+        "score": score,
+        f"val_{score}": val,
+        f"test_{score}": test,
+        f"dense_val_{score}": dense_val,
+        f"dense_test_{score}": dense_test,
         "overrides": list(hydra_cfg.overrides.task),
         "seed": cfg.seed,
         "wall_time_s": time.perf_counter() - started,
@@ -97,20 +102,21 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return metrics
 
 
-def _train_dense_baseline(cfg: DictConfig, datamodule: DigitsDataModule) -> tuple[float, float]:
-    """The same network, seed and epochs without pruning: the accuracy that pruning is judged against."""
+def _train_dense_baseline(cfg: DictConfig, datamodule: LightningDataModule, score: str) -> tuple[float, float]:
+    """The same network, seed and epochs without pruning: the score that pruning is judged against."""
     seed_everything(cfg.seed, workers=True)
     module: LightningModule = instantiate(cfg.module)
     trainer: Trainer = instantiate(cfg.trainer, callbacks=[], logger=False, enable_checkpointing=False)
     trainer.fit(module, datamodule=datamodule)
-    return _evaluate(trainer, module, datamodule)
+    return _evaluate(trainer, module, datamodule, score)
 
 
-def _evaluate(trainer: Trainer, module: LightningModule, datamodule: DigitsDataModule) -> tuple[float, float]:
-    """Validation and test accuracy of the model as it is now (after fit: the pruned, fused one)."""
-    val_acc = trainer.validate(module, datamodule=datamodule, verbose=False)[0]["val_acc"]
-    test_acc = trainer.test(module, datamodule=datamodule, verbose=False)[0]["test_acc"]
-    return val_acc, test_acc
+def _evaluate(trainer: Trainer, module: LightningModule, datamodule: LightningDataModule,
+              score: str) -> tuple[float, float]:
+    """Validation and test score of the model as it is now (after fit: the pruned, fused one)."""
+    val = trainer.validate(module, datamodule=datamodule, verbose=False)[0][f"val_{score}"]
+    test = trainer.test(module, datamodule=datamodule, verbose=False)[0][f"test_{score}"]
+    return val, test
 
 
 def _measure(net: torch.nn.Module, example_input: torch.Tensor, settings: DictConfig) -> dict[str, float]:
@@ -136,10 +142,12 @@ def summary_table(metrics: dict[str, Any]) -> str:
     ]
     lines = [_headline(metrics), "| | dense | pruned | pruned / dense |", "|---|---:|---:|---:|"]
     lines += [f"| {name} | {fmt.format(a)} | {fmt.format(b)} | {b / a:.2f} |" for name, a, b, fmt in rows]
-    dense_acc = metrics["dense_test_acc"]
-    dense_text = "n/a" if dense_acc is None else f"{dense_acc:.4f}"
-    change = "" if dense_acc is None else f"{100 * (metrics['test_acc'] - dense_acc):+.2f} points"
-    lines.append(f"| test acc | {dense_text} | {metrics['test_acc']:.4f} | {change} |")
+    score = metrics.get("score", "acc")
+    dense, pruned = metrics[f"dense_test_{score}"], metrics[f"test_{score}"]
+    dense_text = "n/a" if dense is None else f"{dense:.4f}"
+    change = "" if dense is None else f"{100 * (pruned - dense):+.2f} points" if score == "acc" else \
+        f"{pruned / dense:.2f}"
+    lines.append(f"| test {score} | {dense_text} | {pruned:.4f} | {change} |")
     return "\n".join(lines)
 
 

@@ -1,4 +1,5 @@
-"""A Hugging Face vision transformer over the 8x8 digits, built from a config: nothing is downloaded.
+"""Hugging Face models for the app, built from configs (nothing is downloaded): a vision transformer over the 8x8
+digits and a small Llama over bytes.
 
 ``transformers.ViTForImageClassification`` with 2x2 patches on the 1-channel 8x8 images (16 patches and a class
 token). torch.fx cannot trace transformers, so pruning reads it through torch.export from example inputs: set the
@@ -43,3 +44,37 @@ def vit_digits(hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4, i
                        intermediate_size=intermediate_size, num_labels=num_classes, hidden_dropout_prob=0.0,
                        attention_probs_dropout_prob=0.0)
     return HFImageClassifier(ViTForImageClassification(config))
+
+
+class HFCausalLM(nn.Module):
+    """A transformers causal LM whose ``forward(input_ids)`` returns the logits, ``(B, T) -> (B, T, V)``.
+
+    It runs without a key/value cache (``use_cache=False``): training needs none, and the cache's concatenations
+    are generation state, not part of what the model computes. Tensor names: ``model.model.layers.{i}.self_attn.
+    q_proj.weight`` (``k_proj``, ``v_proj``, ``o_proj``), ``model.model.layers.{i}.mlp.gate_proj.weight``
+    (``up_proj``, ``down_proj``), ``model.lm_head.weight``.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        return self.model(input_ids=input_ids, use_cache=False).logits
+
+
+def llama_bytes(hidden_size: int = 128, num_layers: int = 4, num_heads: int = 4, num_kv_heads: int = 2,
+                intermediate_size: int = 384, vocab_size: int = 256, max_positions: int = 512) -> HFCausalLM:
+    """A ``LlamaForCausalLM`` over a byte vocabulary (256), grouped-query attention, untied embeddings.
+
+    Raises:
+        ImportError: transformers is not installed (``pip install 'lightning_prune[test]'``).
+    """
+    try:
+        from transformers import LlamaConfig, LlamaForCausalLM
+    except ImportError as error:
+        raise ImportError("model=llama_bytes needs transformers: pip install 'lightning_prune[test]'") from error
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
+                         num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+                         max_position_embeddings=max_positions, tie_word_embeddings=False)
+    return HFCausalLM(LlamaForCausalLM(config))
