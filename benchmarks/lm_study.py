@@ -139,7 +139,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--temperature", type=float, default=2.0)
     parser.add_argument("--max-bytes", type=int, default=None, help="cap on each split of the corpus")
     parser.add_argument("--eval-batches", type=int, default=50)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="intra-op CPU threads for training")
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "lm_study")
     args = parser.parse_args(argv)
     if args.quick:

@@ -130,3 +130,24 @@ def test_experiment_lm_prunes_a_tiny_llama_with_distillation(composed_run, tmp_p
     state_dict = torch.load(tmp_path / CHECKPOINT_FILE, weights_only=True)["state_dict"]
     assert not any("teacher" in key for key in state_dict)
     assert sum(t.numel() for t in state_dict.values() if t.is_floating_point()) == written["params_after"]
+
+
+def test_the_lm_study_compresses_both_ways_to_the_budget_and_reports_the_unavailable_variants(tmp_path, capsys):
+    from benchmarks import lm_study
+
+    lm_study.main(["--seeds", "0", "--budgets", "0.5", "--methods", "ours Saliency", "TP recipe", "--hidden", "32",
+                   "--layers", "2", "--heads", "2", "--ffn", "256", "--block-size", "16", "--batch-size", "4",
+                   "--max-bytes", "20000", "--dense-tokens", "640", "--recovery-tokens", "256",
+                   "--calibration-steps", "1", "--eval-batches", "2", "--threads", "1", "--out", str(tmp_path)])
+    written = json.loads((tmp_path / "lm_study.json").read_text())
+    dense = lm_study.build(lm_study.parse(["--hidden", "32", "--layers", "2", "--heads", "2", "--ffn", "256"]))
+    dense_params = sum(p.numel() for p in dense.parameters())
+    runs = {(r["method"], r["recovery"]): r for r in written["results"]}
+    assert set(runs) == {(m, r) for m in ("ours Saliency", "TP recipe") for r in ("fine-tune", "distill")}
+    for run in runs.values():
+        assert 0.3 * dense_params < run["params"] <= 0.5 * dense_params and 1 < run["val_ppl"] < 256, run
+        assert run["macs"] > 0 and run["tokens_per_s"] > 0
+    assert (tmp_path / "dense_seed0.pt").exists()
+    printed = capsys.readouterr().out
+    assert "(b) ours, + hidden size: unavailable" in printed and "(c) ours, + depth: unavailable" in printed
+    assert "| ours Saliency | 0.5 | distill |" in printed
