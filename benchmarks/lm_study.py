@@ -109,8 +109,8 @@ def main(argv: list[str] | None = None) -> None:
                                            time.perf_counter() - clock))
                     print(f"  {method:>14} {budget:.2f} {recovery:>9}: val ppl {results[-1].val_ppl:.3f}, "
                           f"{results[-1].params:,} params ({results[-1].seconds:.1f} s)")
-    dense_params = count_params(dense)
-    print(table(results, dense_ppl, dense_params, count_macs(dense, example) // len(example)))
+    dense_speed = example.numel() / (latency_ms(dense, example, threads=1, min_run_time=0.2) / 1000)
+    print(table(results, dense_ppl, count_params(dense), count_macs(dense, example) // len(example), dense_speed))
     print(f"({time.perf_counter() - started:.0f} s wall on {args.threads} CPU threads)")
     (args.out / "lm_study.json").write_text(json.dumps(
         {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
@@ -243,12 +243,14 @@ def measure(net: nn.Module, data: StdlibDataModule, example: torch.Tensor, args:
                   count_macs(net, example) // len(example), example.numel() / (ms / 1000), seconds)
 
 
-def table(results: list[Result], dense_ppl: dict[int, float], dense_params: int, dense_macs: int) -> str:
+def table(results: list[Result], dense_ppl: dict[int, float], dense_params: int, dense_macs: int,
+          dense_speed: float) -> str:
     def spread(values: list[float], fmt: Callable[[float], str]) -> str:
         return fmt(statistics.mean(values)) + (f" ± {fmt(statistics.stdev(values))}" if len(values) > 1 else "")
 
     ppl = list(dense_ppl.values())
-    lines = [f"dense: val ppl {spread(ppl, lambda v: f'{v:.3f}')}, {dense_params:,} params, {dense_macs:,} MACs",
+    lines = [f"dense: val ppl {spread(ppl, lambda v: f'{v:.3f}')}, {dense_params:,} params, {dense_macs:,} MACs, "
+             f"{dense_speed:,.0f} tokens/s (the last seed's)",
              "| method | params kept | recovery | val ppl | params | MACs | tokens/s |",
              "|---|---:|---|---:|---:|---:|---:|"]
     keys = sorted({(r.method, r.budget, r.recovery) for r in results}, key=lambda k: (-k[1], k[0], k[2]))
