@@ -181,7 +181,15 @@ class Distillation(Callback):
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self._hook is not None:  # nothing of the callback stays on the module: it pickles and copies
+        self._detach()
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._detach()
+
+    def _detach(self) -> None:
+        """Nothing of the callback stays on the module after a fit, finished or failed: it pickles and copies."""
+        if self._hook is not None:
             self._hook.remove()
             self._hook = None
         if self._wrapped is not None:

@@ -182,6 +182,7 @@ def fit_raises(tmp_path, model, distillation, message, example=False):
     with pytest.raises(PruningConfigError, match=message):
         trainer_for(tmp_path, [distillation, steps]).fit(model, loader())
     assert steps.steps == 0
+    assert "training_step" not in vars(model) and not model._forward_hooks  # the failed fit left nothing behind
 
 
 @pytest.mark.parametrize("example", [False, True], ids=["first-step", "setup"])
