@@ -1,14 +1,19 @@
 """Shared fixtures: the devices the seed's tests run on, a seeded RNG so failures reproduce, and rule registrations
-scoped to the test that makes them."""
+scoped to the test that makes them, and the Hydra app run in-process on a composed config."""
 
 import random
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
 from hypothesis import settings
+from omegaconf import open_dict
 
 import lightning_prune as lp
+from lightning_prune.app.experiment import run
 from lightning_prune.fusion.rules import registry
 from tests import custom_layers
 
@@ -64,3 +69,19 @@ def custom_layer_rules(rules) -> None:
     """The rules of tests/custom_layers.py's ScaledLinear and Scale, registered for this test only."""
     for layer, rule in custom_layers.RULES.items():
         lp.register_layer(layer, rule)
+
+
+@pytest.fixture
+def composed_run(tmp_path):
+    """Runs the Hydra app in-process on a composed config, as ``@hydra.main`` would, writing into tmp_path."""
+    def _run(overrides):
+        conf = Path(__file__).resolve().parents[1] / "lightning_prune" / "app" / "conf"
+        with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+            cfg = compose("config", overrides=[*overrides, f"output_dir={tmp_path}"], return_hydra_config=True)
+        HydraConfig.instance().set_config(cfg)
+        with open_dict(cfg):
+            del cfg.hydra
+        return run(cfg)
+
+    yield _run
+    HydraConfig.instance().cfg = None

@@ -11,10 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch import Trainer
-from omegaconf import OmegaConf, open_dict
+from omegaconf import OmegaConf
 
 from lightning_prune.app import DigitsCNN, DigitsDataModule, DigitsLSTM, DigitsResNet, LitClassifier, experiment
 from lightning_prune.app.experiment import (
@@ -22,7 +20,6 @@ from lightning_prune.app.experiment import (
     LOG_FILE,
     METRICS_FILE,
     RESOLVED_CONFIG_FILE,
-    run,
     summary_table,
 )
 from lightning_prune.errors import PruningConfigError
@@ -138,21 +135,6 @@ def test_lit_classifier_names_tensors_under_net_and_logs_accuracy(digits):
     assert 0 <= result["test_acc"] <= 1
     assert isinstance(trainer.optimizers[0], torch.optim.SGD)
 
-
-@pytest.fixture
-def composed_run(tmp_path):
-    """Runs the app in-process on a composed config, as ``@hydra.main`` would, writing into tmp_path."""
-
-    def _run(overrides):
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            cfg = compose("config", overrides=[*overrides, f"output_dir={tmp_path}"], return_hydra_config=True)
-        HydraConfig.instance().set_config(cfg)
-        with open_dict(cfg):
-            del cfg.hydra
-        return run(cfg)
-
-    yield _run
-    HydraConfig.instance().cfg = None
 
 
 @pytest.mark.parametrize(

@@ -17,8 +17,7 @@ from torch import nn
 from lightning_prune import Distillation, PruningConfigError
 from lightning_prune.distill import kl_divergence
 from lightning_prune.masks import has_masks_anywhere
-from tests.test_callback import CLASSES, IN, TinyClassifier, loader, pruning, trainer_for
-from tests.test_ddp import run_ddp_script
+from tests.runs import CLASSES, IN, TinyClassifier, loader, pruning, run_ddp_script, trainer_for
 
 
 class Recorder(Callback):

@@ -16,7 +16,6 @@ from torch import nn
 from lightning_prune.app import LitCausalLM, StdlibDataModule
 from lightning_prune.app.experiment import CHECKPOINT_FILE, METRICS_FILE
 from lightning_prune.app.lm_data import SEPARATOR
-from tests.test_app import composed_run  # noqa: F401  (the fixture)
 
 
 def corpus(root: Path, names: list[str]) -> Path:
@@ -115,7 +114,7 @@ TINY_LM = [
 
 @pytest.mark.parametrize("overrides", [[], ["pruner=activation", "dense_baseline=false"]],
                          ids=["saliency-with-baseline", "activation"])
-def test_experiment_lm_prunes_a_tiny_llama_with_distillation(composed_run, tmp_path, overrides):  # noqa: F811
+def test_experiment_lm_prunes_a_tiny_llama_with_distillation(composed_run, tmp_path, overrides):
     metrics = composed_run([*TINY_LM, *overrides])
     written = json.loads((tmp_path / METRICS_FILE).read_text())
     assert written["score"] == "ppl" and metrics["test_ppl"] == written["test_ppl"]
