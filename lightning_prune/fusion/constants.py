@@ -18,7 +18,7 @@ from torch import fx
 from lightning_prune.errors import PruningConfigError
 from lightning_prune.fusion.layout import Layout
 from lightning_prune.fusion.records import Walk
-from lightning_prune.fusion.walk import Visit
+from lightning_prune.fusion.visit import Visit
 
 
 @dataclass

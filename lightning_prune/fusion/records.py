@@ -1,5 +1,5 @@
 """What the walk records about the model, and how to find a tensor again: the records rules write through a
-:class:`~.walk.Visit` and the plan is built from.
+:class:`~.visit.Visit` and the plan is built from.
 
 A :class:`Walk` holds each node's value, the channel groups, the tensor dims to narrow with them (*bindings*), the
 candidate producers, the per-channel tensors to mask (*silences*), the consumers and the rule-specific actions; all of
@@ -15,8 +15,9 @@ import torch
 from torch import fx, nn
 from torch.nn.utils import parametrize
 
+from lightning_prune.fusion.graph import Traced
 from lightning_prune.fusion.groups import ChannelGroups
-from lightning_prune.fusion.trace import Traced
+from lightning_prune.masks import ChannelMask, FakeStructuredSparsity
 
 
 @dataclass(frozen=True)
@@ -122,8 +123,6 @@ def held(module: nn.Module, name: str) -> torch.Tensor | None:
 def computed_tensors(module: nn.Module) -> list[str]:
     """The module's tensors computed when read rather than stored: a parametrization other than a pruning mask, or
     a hook-set attribute (the old ``weight_norm`` / ``spectral_norm``)."""
-    from lightning_prune.masks import ChannelMask, FakeStructuredSparsity
-
     names = [n for n, value in vars(module).items() if isinstance(value, torch.Tensor) and not n.startswith("_")]
     if parametrize.is_parametrized(module):
         names += [n for n, plist in module.parametrizations.items()

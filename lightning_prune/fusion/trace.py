@@ -23,28 +23,17 @@ import re
 import sys
 import traceback
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 
 import torch
 from torch import fx, nn
 from torch.utils._pytree import tree_map
 
 from lightning_prune.errors import UnsupportedPatternError
+from lightning_prune.fusion.graph import Traced, module_path
 from lightning_prune.fusion.rules import registry
 from lightning_prune.measure import eval_mode
 
 _OWN = (f"{os.sep}torch{os.sep}", f"{os.sep}lightning_prune{os.sep}")
-
-
-@dataclass
-class Traced:
-    """The analysed graph of one model: an fx graph in one vocabulary, and whether its nodes carry shapes."""
-
-    graph: fx.Graph
-    shapes: bool
-    front_end: str  # "fx" or "export"
-    #: tensors made in forward from literals (``torch.ones(16)``), which the graph reads as ``get_attr`` constants
-    constants: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class _Tracer(fx.Tracer):
@@ -317,17 +306,6 @@ def _returns_input(node: fx.Node, inside: set[fx.Node]) -> bool:
     old, new = source.meta.get("val"), node.meta.get("val")
     return (source not in inside and isinstance(old, torch.Tensor) and isinstance(new, torch.Tensor)
             and (old.dtype, old.device, old.shape) == (new.dtype, new.device, new.shape))
-
-
-def module_path(path: str, modules: dict[str, nn.Module]) -> str | None:
-    """The module FQN of an ``nn_module_stack`` path (``L['self'].layer1[0].conv`` or ``layer1.0.conv``)."""
-    if path in modules:
-        return path
-    cleaned = re.sub(r"^L\['self'\]\.?", "", path)
-    cleaned = re.sub(r"\[(\d+)\]", r".\1", cleaned)
-    cleaned = re.sub(r"\['([^']+)'\]", r".\1", cleaned).strip(".")
-    cleaned = cleaned.replace("._modules.", ".")
-    return cleaned if cleaned in modules else None
 
 
 def user_frame(frames: list[traceback.FrameSummary]) -> str | None:

@@ -21,16 +21,15 @@ Every rule has a :class:`RuleKind` and implements ``visit(v)``, which the walk c
 from __future__ import annotations
 
 import enum
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
 from lightning_prune.errors import PruningConfigError
 from lightning_prune.fusion.layout import Layout
-
-if TYPE_CHECKING:
-    from lightning_prune.fusion.walk import Visit
+from lightning_prune.fusion.records import TensorRef
+from lightning_prune.fusion.visit import Visit
 
 
 class RuleKind(enum.Enum):
@@ -105,8 +104,6 @@ def tie_axis(v: Visit, labels: torch.Tensor, axis: int) -> None:
 
 
 def _is_ref(value: Any) -> bool:
-    from lightning_prune.fusion.records import TensorRef
-
     return isinstance(value, TensorRef)
 
 

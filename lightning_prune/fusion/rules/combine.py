@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_prune.fusion.layout import Layout
+from lightning_prune.fusion.records import TensorRef
 from lightning_prune.fusion.rules.base import Rule, RuleKind, input_layout
 from lightning_prune.fusion.rules.registry import aten, register_functions, register_layer
 
@@ -36,8 +37,6 @@ class CombineRule(Rule):
         return v.arg(0, "input"), v.arg(1, "other")
 
     def visit(self, v) -> None:
-        from lightning_prune.fusion.records import TensorRef
-
         a, b = self.operands(v)
         la, lb = v.layout(a), v.layout(b)
         if la is None and lb is None:
@@ -112,8 +111,6 @@ class CombineRule(Rule):
         v.set(Layout(aligned[0], la.labels, out_ndim, la.pending, tuple(set(la.stable) & set(lb.stable))))
 
     def const(self, v, *inputs):
-        from lightning_prune.fusion.records import TensorRef
-
         a, b = self.operands(v)
         values = []
         dependent = False

@@ -9,6 +9,7 @@ from torch import nn
 
 from lightning_prune.errors import UnsupportedPatternError
 from lightning_prune.fusion.layout import Layout
+from lightning_prune.fusion.records import TensorRef
 from lightning_prune.fusion.rules.base import LayerRule, RuleKind, features_at, input_layout, tie_axis
 from lightning_prune.fusion.rules.registry import aten, register_functions, register_layer
 
@@ -340,8 +341,6 @@ class FunctionalLayerRule(LayerRule):
         self.channel_dim = 1 if conv_dims else -1
 
     def visit(self, v) -> None:
-        from lightning_prune.fusion.records import TensorRef
-
         weight_ref, bias_ref = v.value(v.arg(1, "weight")), v.value(v.arg(2, "bias"))
         groups = v.arg(6, "groups", 1) if self.conv_dims else 1
         held = v.state.holders
@@ -367,8 +366,6 @@ class FunctionalLayerRule(LayerRule):
         v.set(Layout.vector(ids, dim, v.ndim() if v.shapes else None))
 
     def const(self, v, *inputs):
-        from lightning_prune.fusion.records import TensorRef
-
         bias_ref = v.value(v.arg(2, "bias"))
         weight_ref = v.value(v.arg(1, "weight"))
         if isinstance(bias_ref, TensorRef):  # read through its module: masked with the channels

@@ -9,14 +9,12 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextvars import ContextVar
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from torch import nn
 
 from lightning_prune.errors import PruningConfigError
-
-if TYPE_CHECKING:
-    from lightning_prune.fusion.rules.base import Rule
+from lightning_prune.fusion.rules.base import Rule
 
 
 class Registry:
@@ -151,8 +149,6 @@ def register_layer(layer_type: type[nn.Module], rule: Rule | type[nn.Module]) ->
         PruningConfigError: ``layer_type`` is not an nn.Module subclass, or ``rule`` is neither a Rule nor a layer
             type that has one.
     """
-    from lightning_prune.fusion.rules.base import Rule
-
     if not (isinstance(layer_type, type) and issubclass(layer_type, nn.Module)):
         raise PruningConfigError(f"register_layer expects an nn.Module subclass, got {layer_type!r}")
     if isinstance(rule, type) and issubclass(rule, nn.Module):
@@ -176,8 +172,6 @@ def register_function(target: Any, rule: Rule) -> None:
     Raises:
         PruningConfigError: ``rule`` is not a Rule, or ``target`` is none of the above.
     """
-    from lightning_prune.fusion.rules.base import Rule
-
     if not isinstance(rule, Rule):
         raise PruningConfigError(f"register_function expects a Rule (e.g. ElementwiseRule(fn)), got {rule!r}")
     if not (callable(target) or isinstance(target, str)):
