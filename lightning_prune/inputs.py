@@ -86,7 +86,7 @@ def preserved_random_state(loader: Any = None) -> Iterator[None]:
                   if isinstance(g, torch.Generator)]
     saved = [g.get_state() for g in generators]
     python_state = random.getstate()
-    try:
+    try:  # numpy is not a dependency of ours: its RNG is saved only where it is installed
         import numpy
         numpy_state = numpy.random.get_state()
     except ImportError:  # pragma: no cover - numpy comes with torch in practice

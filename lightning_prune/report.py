@@ -175,6 +175,7 @@ def plot(sweep: Sweep, path: Path) -> None:
 
     Accuracy is test accuracy where every run measured it, else validation accuracy.
     """
+    # matplotlib is optional (the examples extra): only a plot needs it, so the report's tables work without it
     import matplotlib
 
     matplotlib.use("Agg")

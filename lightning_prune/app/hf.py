@@ -35,7 +35,7 @@ def vit_digits(hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4, i
     Raises:
         ImportError: transformers is not installed (``pip install 'lightning_prune[test]'``).
     """
-    try:
+    try:  # transformers is optional (the test extra): only this demo model needs it
         from transformers import ViTConfig, ViTForImageClassification
     except ImportError as error:
         raise ImportError("model=hf_vit_digits needs transformers: pip install 'lightning_prune[test]'") from error

@@ -23,6 +23,7 @@ from lightning_prune.fusion.hf_config import follow_config
 from lightning_prune.fusion.plan import PruningPlan
 from lightning_prune.fusion.ranks import check_ranks, remove_rank_probes
 from lightning_prune.fusion.records import held
+from lightning_prune.fusion.rules import registry
 from lightning_prune.fusion.surgery import Surgery
 from lightning_prune.masks import ChannelMask, FakeStructuredSparsity
 
@@ -75,9 +76,7 @@ def fuse(plan: PruningPlan) -> FusionResult:
         if values is not None and (values[removed] != 0).any() and (
                 calls[id(module)] > 1 or not rule.constant_input_is_constant(module)):
             kept[root[labels[removed & (values != 0)]]] = True
-    ctx = FuseContext(plan, root, kept)
-    notes = _keep_one_each(ctx)
-    keeps = _keeps(plan, root, kept)
+    ctx, notes, keeps = decide(plan, root, kept)
     for module, rule, data in walk.actions:
         for tensor in rule.owned_tensors(module, data, ctx):
             keeps.pop(id(tensor), None)
@@ -93,6 +92,20 @@ def fuse(plan: PruningPlan) -> FusionResult:
     for note in notes:
         warnings.warn(note, UserWarning, stacklevel=3)
     return FusionResult(notes, lineage, surgery.edits)
+
+
+def decide(plan: PruningPlan, root: torch.Tensor, kept: torch.Tensor,
+           surgery: Surgery | None = None) -> tuple[FuseContext, list[str], dict[int, dict[int, torch.Tensor]]]:
+    """Settle ``kept`` (a bool per class root, changed in place) as fusion does before it narrows anything: every
+    layer keeps at least one channel and the rules' own constraints hold (an LSTM's one hidden size).
+
+    Returns the context rules narrow with (``rule.narrow(module, data, ctx)``), the notes the rules gave, and per
+    tensor (by id), per dim, the indices to keep (only dims that lose something). The dry run narrows a meta copy of
+    the model with these.
+    """
+    ctx = FuseContext(plan, root, kept, surgery)
+    notes = _keep_one_each(ctx)
+    return ctx, notes, _keeps(plan, root, ctx.kept)
 
 
 def _removed(labels: torch.Tensor, root: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
@@ -156,8 +169,6 @@ def _folds(plan, consts, root, kept, calls, keeps) -> dict[int, torch.Tensor]:
 
 
 def _mutate(ctx: FuseContext, keeps, folds, lineage: list) -> None:
-    from lightning_prune.fusion.rules import registry
-
     plan, surgery = ctx.plan, ctx.surgery
     walk, rules = plan.walk, registry.active()
     modules = list(dict.fromkeys(plan.model.modules()))

@@ -11,37 +11,32 @@ evaluate a kept set, and the saving of removing each class, in a few tensor oper
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._pytree import tree_map
+from torch.utils.flop_counter import FlopCounterMode
 
-if TYPE_CHECKING:
-    from lightning_prune.fusion.plan import PruningPlan
+from lightning_prune.fusion.records import Walk, held
+from lightning_prune.fusion.rules import registry
+from lightning_prune.measure import countable_kernels, eval_mode
 
 METRICS = ("macs", "params")
 
 
-def layer_macs(plan: PruningPlan) -> tuple[int, dict[str, int], int] | None:
-    """Dense MACs of the plan's example inputs: the total, each leaf module's (by FQN) and the batch size; None
-    without example inputs."""
-    if plan.example_inputs is None:
-        return None
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.utils._pytree import tree_map
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from lightning_prune.measure import countable_kernels, eval_mode
-
-    args, kwargs = plan.example_inputs
+def layer_macs(model: nn.Module, example_inputs: tuple[tuple, dict]) -> tuple[int, dict[str, int], int]:
+    """Dense MACs of ``model`` on ``example_inputs`` (args, kwargs): the total, each leaf module's (by FQN) and the
+    batch size."""
+    args, kwargs = example_inputs
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     fake_args, fake_kwargs = tree_map(lambda t: mode.from_tensor(t) if isinstance(t, torch.Tensor) else t,
                                       (tuple(args), dict(kwargs)))
     counter = FlopCounterMode(display=False)
-    with mode, eval_mode(plan.model), torch.no_grad(), countable_kernels(), counter:
-        plan.model(*fake_args, **fake_kwargs)
+    with mode, eval_mode(model), torch.no_grad(), countable_kernels(), counter:
+        model(*fake_args, **fake_kwargs)
     counts = {key.partition(".")[2]: sum(ops.values()) for key, ops in counter.get_flop_counts().items()}
-    modules = dict(plan.model.named_modules())
+    modules = dict(model.named_modules())
     leaves = {name: flops // 2 for name, flops in counts.items() if name in modules and _is_leaf(modules[name])}
     batch = next((t.shape[0] for t in list(args) + list(kwargs.values()) if isinstance(t, torch.Tensor)
                   and t.dim()), 1)
@@ -51,8 +46,6 @@ def layer_macs(plan: PruningPlan) -> tuple[int, dict[str, int], int] | None:
 def _is_leaf(module: nn.Module) -> bool:
     """A layer the analysis reads as one call (``nn.MultiheadAttention``, whose ``out_proj`` is a child it never
     calls), or a module with no submodules but its parametrizations (a masked layer is still a leaf)."""
-    from lightning_prune.fusion.rules import registry
-
     rule = registry.active().call_rule(module)
     if rule is not None and not rule.transparent:
         return True
@@ -68,12 +61,12 @@ def own_tensors(module: nn.Module) -> list[torch.Tensor]:
     return found
 
 
-def mac_shares(plan: PruningPlan, module: nn.Module) -> list[tuple[torch.Tensor, float]]:
+def mac_shares(module: nn.Module) -> list[tuple[torch.Tensor, float]]:
     """The tensors a layer's MACs follow, each with its share of them: its ``weight`` (masked or not); else its
     matrices, its children's included (``nn.MultiheadAttention``'s ``in_proj_weight`` and the ``out_proj`` it calls
     without calling the module), in proportion to their sizes (an LSTM's ``weight_ih``/``weight_hh``: per step it
     multiplies by each once); else its first parameter."""
-    weight = plan.tensor(module, "weight")
+    weight = held(module, "weight")
     if weight is not None:
         return [(weight, 1.0)]
     own = own_tensors(module)
@@ -89,45 +82,48 @@ class CostModel:
     """``cost(kept) = fixed + sum_t dense_t * prod_d (fraction of positions kept along bound dim d of term t)``.
 
     ``kept`` is a bool per channel id, read at class roots (as :meth:`PruningPlan.kept_classes` returns it);
-    positions no producer controls (FIXED) always stay.
+    positions no producer controls (FIXED) always stay. A plan builds each metric's model once
+    (:meth:`PruningPlan.cost`); its table and a budget both read it.
     """
 
     metric: str
     dense: float
     fixed: float
     terms: list[tuple[float, list[torch.Tensor]]]  # (dense cost, the class root at each position of each bound dim)
+    batch: int = 1  # the batch size of the example inputs MACs were counted on
 
     @classmethod
-    def of(cls, plan: PruningPlan, metric: str) -> CostModel:
-        """The cost model of ``metric`` ("macs": needs the plan's example inputs; "params").
+    def of(cls, walk: Walk, metric: str, example_inputs: tuple[tuple, dict] | None = None) -> CostModel:
+        """The cost model of ``metric`` ("macs": needs ``example_inputs``, (args, kwargs); "params") for the model
+        the walk read.
 
         Raises:
             ValueError: an unknown metric, or "macs" without example inputs.
         """
         if metric not in METRICS:
             raise ValueError(f"unknown cost metric {metric!r}; choose one of {list(METRICS)}")
-        plan.walk.refresh()
-        root = plan.groups.solve()
+        walk.refresh()
+        root = walk.groups.solve()
         dims: dict[int, list[torch.Tensor]] = {}
-        for (tensor_id, _dim), binding in sorted(plan.walk.bindings.items(), key=lambda kv: kv[0][1]):
+        for (tensor_id, _dim), binding in sorted(walk.bindings.items(), key=lambda kv: kv[0][1]):
             labels = binding.labels
             dims.setdefault(tensor_id, []).append(torch.where(labels >= 0, root[labels.clamp_min(0)], -1))
         if metric == "params":
-            tensors = {id(t): t for m in plan.model.modules() for t in own_tensors(m)}
+            tensors = {id(t): t for m in walk.model.modules() for t in own_tensors(m)}
             dense = float(sum(t.numel() for t in tensors.values()))
             terms = [(float(t.numel()), dims[i]) for i, t in tensors.items() if i in dims]
+            batch = 1
         else:
-            counted = layer_macs(plan)
-            if counted is None:
+            if example_inputs is None:
                 raise ValueError("counting MACs needs example inputs")
-            total, leaves, _batch = counted
-            modules = dict(plan.model.named_modules())
+            total, leaves, batch = layer_macs(walk.model, example_inputs)
+            modules = dict(walk.model.named_modules())
             dense, terms = float(total), []
             for name, macs in leaves.items():
-                for tensor, share in mac_shares(plan, modules[name]):
+                for tensor, share in mac_shares(modules[name]):
                     if id(tensor) in dims and macs:
                         terms.append((macs * share, dims[id(tensor)]))
-        return cls(metric, dense, dense - sum(w for w, _ in terms), terms)
+        return cls(metric, dense, dense - sum(w for w, _ in terms), terms, batch)
 
     def total(self, kept: torch.Tensor) -> float:
         """The cost with the classes in ``kept``."""

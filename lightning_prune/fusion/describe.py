@@ -1,27 +1,24 @@
 """A pruning plan as a table and as JSON: channel groups, what blocks them and where, what pruning would save.
 
 No anchor tool says *why* a layer is left alone or whether removal is exact; the plan does, before any change.
-Sizes at a sparsity level are computed from the plan's bindings (every narrowed tensor dim) with that fraction of
-each group's removable classes gone; MACs come from ``torch.utils.flop_counter`` on fake tensors, each layer scaled
-by how much of its weight remains.
+Sizes at a sparsity level are the plan's cost models (:class:`~.cost.CostModel`: params, and MACs counted once by
+``torch.utils.flop_counter`` on fake tensors) evaluated with that fraction of each group's removable classes gone.
+
+``plan`` is a :class:`~.plan.PruningPlan` (this module sits below it: its ``to_dict`` and ``table`` call these).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from lightning_prune.fusion.alike import common_removals, signature
-from lightning_prune.fusion.cost import layer_macs, mac_shares, own_tensors
-
-if TYPE_CHECKING:
-    from lightning_prune.fusion.plan import PruningPlan
+from lightning_prune.fusion.cost import CostModel
 
 
-def describe(plan: PruningPlan, sparsity_level: float = 0.5) -> dict[str, Any]:
+def describe(plan, sparsity_level: float = 0.5) -> dict[str, Any]:
     """The plan as plain data (see :meth:`PruningPlan.to_dict`)."""
-    plan.walk.refresh()
     root = plan.groups.solve()
     kept = torch.ones(plan.groups.size, dtype=torch.bool)
     rows = []
@@ -48,8 +45,12 @@ def describe(plan: PruningPlan, sparsity_level: float = 0.5) -> dict[str, Any]:
             "exact": True,
             "blocked_by": reasons,
         })
-    params_before, params_after, scale = _params(plan, root, kept)
-    macs = _macs(plan, scale)
+    params_before, params_after = _sizes(plan.cost("params"), kept)
+    macs = None
+    if plan.example_inputs is not None:
+        cost = plan.cost("macs")
+        dense, pruned = _sizes(cost, kept)
+        macs = {"dense": dense, "pruned": pruned, "batch": cost.batch}
     traced = plan.walk.traced
     return {
         "front_end": traced.front_end,
@@ -98,12 +99,12 @@ def _short(reason: str, limit: int = 110) -> str:
     return reason if len(reason) <= limit else reason[: limit - 3] + "..."
 
 
-def _first(plan: PruningPlan, group) -> int:
+def _first(plan, group) -> int:
     order = {id(p): k for k, p in enumerate(plan.walk.producers.values())}
     return min(order[id(p)] for p in group.producers)
 
 
-def _consumers(plan: PruningPlan, root: torch.Tensor, classes: torch.Tensor) -> list[str]:
+def _consumers(plan, root: torch.Tensor, classes: torch.Tensor) -> list[str]:
     """Layers reading the group's channels (their weight's input dim is narrowed with them)."""
     names = []
     for _node, module, _rule, labels in plan.walk.consumers:
@@ -115,30 +116,6 @@ def _consumers(plan: PruningPlan, root: torch.Tensor, classes: torch.Tensor) -> 
     return names
 
 
-def _params(plan: PruningPlan, root: torch.Tensor, kept: torch.Tensor) -> tuple[int, int, dict[int, float]]:
-    """Unique parameter counts before and after; and, per tensor id, the fraction of it that remains."""
-    fraction: dict[int, float] = {}
-    for (tensor_id, _dim), binding in plan.walk.bindings.items():
-        labels = binding.labels
-        live = labels >= 0
-        remains = (~live | torch.where(live, kept[root[labels.clamp_min(0)]], True)).float().mean().item()
-        fraction[tensor_id] = fraction.get(tensor_id, 1.0) * remains
-    tensors = {id(t): t for m in plan.model.modules() for t in own_tensors(m)}
-    before = sum(t.numel() for t in tensors.values())
-    after = sum(round(t.numel() * fraction.get(i, 1.0)) for i, t in tensors.items())
-    return before, after, fraction
-
-
-def _macs(plan: PruningPlan, fraction: dict[int, float]) -> dict[str, int] | None:
-    """Dense MACs per layer (:func:`~.cost.layer_macs`), and each layer's share per tensor (:func:`~.cost.mac_shares`)
-    scaled by the fraction of that tensor left."""
-    counted = layer_macs(plan)
-    if counted is None:
-        return None
-    total, leaves, batch = counted
-    modules = dict(plan.model.named_modules())
-    after = total - sum(leaves.values())
-    for name, macs in leaves.items():
-        shares = mac_shares(plan, modules[name]) or [(None, 1.0)]
-        after += sum(macs * share * fraction.get(id(tensor), 1.0) for tensor, share in shares)
-    return {"dense": total, "pruned": int(after), "batch": batch}
+def _sizes(cost: CostModel, kept: torch.Tensor) -> tuple[int, int]:
+    """Dense and pruned counts of a cost model, with the classes in ``kept``."""
+    return int(cost.dense), int(round(cost.total(kept)))

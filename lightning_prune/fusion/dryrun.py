@@ -19,12 +19,15 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
+from lightning_prune.fusion.apply import FuseContext, decide
 from lightning_prune.fusion.layout import Layout
+from lightning_prune.fusion.plan import PruningPlan
 from lightning_prune.fusion.rules import registry
 from lightning_prune.fusion.surgery import Surgery
+from lightning_prune.fusion.trace import export, user_frame
 
 
-def dry_run(plan, example_inputs: tuple[tuple, dict]) -> bool:
+def dry_run(plan: PruningPlan, example_inputs: tuple[tuple, dict]) -> bool:
     """Check ``plan`` by running the narrowed model on meta tensors; returns whether it blocked any group."""
     groups = []
     for group in plan.channel_groups():
@@ -39,7 +42,7 @@ def dry_run(plan, example_inputs: tuple[tuple, dict]) -> bool:
     return bool(failures)
 
 
-def _bisect(plan, example_inputs, groups: list, failures: list) -> None:
+def _bisect(plan: PruningPlan, example_inputs: tuple[tuple, dict], groups: list, failures: list) -> None:
     if not groups:
         return
     error = _attempt(plan, example_inputs, [cls for _group, cls in groups])
@@ -53,17 +56,13 @@ def _bisect(plan, example_inputs, groups: list, failures: list) -> None:
     _bisect(plan, example_inputs, groups[half:], failures)
 
 
-def _attempt(plan, example_inputs, removed: list[int]) -> str | None:
+def _attempt(plan: PruningPlan, example_inputs: tuple[tuple, dict], removed: list[int]) -> str | None:
     """Remove ``removed`` (class roots) from a meta copy and export it; the reason it fails, or None."""
-    from lightning_prune.fusion.apply import FuseContext, _keep_one_each, _keeps
-    from lightning_prune.fusion.trace import export, user_frame
-
     root = plan.groups.solve()
     kept = torch.ones(plan.groups.size, dtype=torch.bool)
     kept[torch.tensor(removed, dtype=torch.long)] = False
-    ctx = FuseContext(plan, root, kept, Surgery())
-    _keep_one_each(ctx)
-    model, changed = _narrowed_copy(plan, ctx, _keeps(plan, root, ctx.kept))
+    ctx, _notes, keeps = decide(plan, root, kept, Surgery())
+    model, changed = _narrowed_copy(plan, ctx, keeps)
     args, kwargs = tree_map(lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t, example_inputs)
     try:
         with torch.device("meta"):  # tensors made in forward: meta too
@@ -77,7 +76,7 @@ def _attempt(plan, example_inputs, removed: list[int]) -> str | None:
     return _output_mismatch(plan, ctx, program)
 
 
-def _narrowed_copy(plan, ctx, keeps) -> tuple[nn.Module, list[nn.Module]]:
+def _narrowed_copy(plan: PruningPlan, ctx: FuseContext, keeps: dict) -> tuple[nn.Module, list[nn.Module]]:
     """A copy of the model on the meta device with every bound tensor narrowed and the rules' narrowing applied."""
     memo: dict[int, torch.Tensor] = {}
     touched: set[int] = set()
@@ -108,7 +107,7 @@ def _narrowed_copy(plan, ctx, keeps) -> tuple[nn.Module, list[nn.Module]]:
     return model, changed
 
 
-def _output_mismatch(plan, ctx, program) -> str | None:
+def _output_mismatch(plan: PruningPlan, ctx: FuseContext, program) -> str | None:
     """Whether an output's shape changed beyond what its channels explain (the removed channels it carries)."""
     graph = plan.walk.traced.graph
     expected_nodes = tree_flatten(next(n for n in graph.nodes if n.op == "output").args[0])[0]

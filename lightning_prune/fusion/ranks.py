@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from lightning_prune.errors import UnsupportedPatternError
-
-if TYPE_CHECKING:
-    from lightning_prune.fusion.plan import PruningPlan
+from lightning_prune.fusion.plan import PruningPlan
 
 
 class RankProbe:

@@ -22,10 +22,12 @@ import os
 import re
 import sys
 import traceback
+import warnings
 from collections.abc import Iterator
 
 import torch
 from torch import fx, nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._pytree import tree_map
 
 from lightning_prune.errors import UnsupportedPatternError
@@ -171,8 +173,6 @@ def _propagate_shapes(model: nn.Module, graph: fx.Graph, example_inputs: tuple[t
         with eval_mode(model), torch.no_grad():
             torch.func.functional_call(run, stand_ins, tuple(meta), strict=False, tie_weights=True)
     except Exception:  # noqa: BLE001 - tensors made on a real device in forward: fake tensors cover them
-        from torch._subclasses.fake_tensor import FakeTensorMode
-
         mode = FakeTensorMode(allow_non_fake_inputs=True)
         fake = tree_map(lambda t: mode.from_tensor(t) if isinstance(t, torch.Tensor) else t, flat)
         with mode, eval_mode(model), torch.no_grad(), _quiet():
@@ -224,8 +224,6 @@ def _export(model: nn.Module, example_inputs: tuple[tuple, dict], fx_error: Base
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
     """No warnings, and no op-by-op error log from fake tensors: a forward that fails is reported once, by us."""
-    import warnings
-
     logger = logging.getLogger("torch._subclasses.fake_tensor")
     disabled, logger.disabled = logger.disabled, True
     try:

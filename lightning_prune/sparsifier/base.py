@@ -28,9 +28,10 @@ from lightning_prune.arguments import (
     resolve_tensor,
 )
 from lightning_prune.errors import PrunerStateError, PruningConfigError
+from lightning_prune.fusion.analysis import analyse
 from lightning_prune.fusion.apply import fuse
 from lightning_prune.fusion.attach import attach_masks
-from lightning_prune.fusion.plan import Member, PruningPlan, analyse
+from lightning_prune.fusion.plan import Member, PruningPlan
 from lightning_prune.fusion.ranks import attach_rank_probes, remove_rank_probes
 from lightning_prune.fusion.rules import Rule, rules_scope
 from lightning_prune.inputs import as_call

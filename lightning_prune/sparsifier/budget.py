@@ -36,16 +36,14 @@ import math
 import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from lightning_prune.errors import PruningConfigError
 from lightning_prune.fusion.alike import families, signature
 from lightning_prune.fusion.cost import CostModel
-
-if TYPE_CHECKING:
-    from lightning_prune.sparsifier.scoring import ClassSet
+from lightning_prune.sparsifier.classes import ClassSet
 
 ALLOCATIONS = ("auto", "global", "uniform", "uniform_layers")
 #: how far below the budget (a fraction of the dense cost) a removal may overshoot before smaller ones are tried

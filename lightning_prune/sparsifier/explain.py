@@ -14,7 +14,8 @@ from lightning_prune.arguments import (
     resolve_tensor,
 )
 from lightning_prune.errors import PruningConfigError
-from lightning_prune.fusion.plan import PruningPlan, analyse
+from lightning_prune.fusion.analysis import analyse
+from lightning_prune.fusion.plan import PruningPlan
 from lightning_prune.fusion.rules import Rule, rules_scope
 from lightning_prune.inputs import as_call
 from lightning_prune.sparsifier.budget import check_allocation

@@ -5,7 +5,6 @@ from __future__ import annotations
 import abc
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -16,51 +15,9 @@ from lightning_prune.fusion.alike import common_removals, signature
 from lightning_prune.fusion.cost import CostModel
 from lightning_prune.fusion.plan import Member, PruningPlan
 from lightning_prune.fusion.rules import Rule
-from lightning_prune.masks import row_mask
 from lightning_prune.sparsifier.base import BaseStructuredSparsifier
 from lightning_prune.sparsifier.budget import Budget, allocate, check_allocation, smallest_removal, with_allocation
-
-
-@dataclass
-class ClassSet:
-    """The classes of channels of some coupled members, as one decision sees them.
-
-    ``classes`` are the distinct class roots (sorted) of the members' rows; ``index[k]`` maps member ``k``'s rows to
-    positions in ``classes``; ``kept`` says which classes any row keeps under the current masks; ``free`` which
-    classes nothing blocks (the only ones a pruner may remove).
-    """
-
-    members: list[Member]
-    classes: torch.Tensor
-    index: list[torch.Tensor]
-    masks: list[torch.Tensor | None]  # None before masks are attached (every row kept)
-    kept: torch.Tensor
-    free: torch.Tensor
-
-    def write(self, keep: torch.Tensor) -> None:
-        """Set every member's row mask from ``keep`` (a bool per class)."""
-        for idx, mask in zip(self.index, self.masks, strict=True):
-            mask.copy_(keep[idx].to(mask.device))
-
-
-def class_structure(plan: PruningPlan, members: list[Member]) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
-    """The members' classes (sorted), each member's row -> class index, and which classes may go."""
-    row_classes = [plan.classes(m.labels) for m in members]
-    classes = torch.cat([c[c >= 0] for c in row_classes]).unique()
-    index = [torch.searchsorted(classes, c.clamp_min(0)) for c in row_classes]
-    return classes, index, ~plan.groups.blocked_mask()[classes]
-
-
-def class_set(plan: PruningPlan, members: list[Member], structure: tuple | None = None) -> ClassSet:
-    """The classes of ``members``' rows, which of them the masks keep, and which nothing blocks (``structure``:
-    :func:`class_structure`'s result, when cached)."""
-    classes, index, free = structure if structure is not None else class_structure(plan, members)
-    fakes = [row_mask(m.module, m.tensor_name) for m in members]
-    masks = [None if fake is None else fake.mask for fake in fakes]
-    kept = torch.zeros(classes.numel(), dtype=torch.long)
-    for idx, mask in zip(index, masks, strict=True):
-        kept.scatter_reduce_(0, idx, torch.ones_like(idx) if mask is None else mask.cpu().long(), "amax")
-    return ClassSet(members, classes, index, masks, kept.bool(), free)
+from lightning_prune.sparsifier.classes import ClassSet, class_set, class_structure
 
 
 class ScoringPruner(BaseStructuredSparsifier):
@@ -154,7 +111,7 @@ class ScoringPruner(BaseStructuredSparsifier):
         if own:
             raise PruningConfigError(f"with a target the budget decides every layer's share: remove "
                                      f"'sparsity_level' from the config entries for {own}")
-        self.cost = CostModel.of(plan, budget.metric)
+        self.cost = plan.cost(budget.metric)
         stacked = sorted({m.module_fqn for m in plan.members
                           if isinstance(m.module, nn.LSTM) and m.module.num_layers > 1})
         if stacked and (budget.allocation == "global" or budget.allocation == "auto" and self.comparable_scores):

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextvars import ContextVar
 from typing import Any
 
+import torch
 from torch import nn
 
 from lightning_prune.errors import PruningConfigError
@@ -219,6 +220,4 @@ def rules_scope(rules: Mapping[Any, Rule] | None = None) -> Iterator[Registry]:
 
 def aten(name: str) -> Any:
     """An ATen op packet by name, or None on a torch without it."""
-    import torch
-
     return getattr(torch.ops.aten, name, None)

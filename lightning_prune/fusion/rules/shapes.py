@@ -10,6 +10,8 @@ only the flatten idioms are known.
 
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch import fx
 
@@ -124,8 +126,6 @@ class ReshapeRule(Rule):
 
 def _is_batch_size(value, tensor) -> bool:
     """Whether ``value`` is ``tensor.size(0)`` / ``tensor.shape[0]`` / ``tensor.size()[0]`` in the traced graph."""
-    import operator
-
     if not isinstance(value, fx.Node):
         return False
     if value.op == "call_method" and value.target == "size" and value.args[0] is tensor:
