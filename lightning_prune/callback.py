@@ -180,7 +180,6 @@ class StructuredPruning(Callback):
         if announce:
             rank_zero_info(f"StructuredPruning: masking {len(self.pruner.groups)} tensors "
                            f"({', '.join(self.scheduler.targets) or 'none'})")
-            self.pruner.plan.sparsity_level = self.pruner.defaults["sparsity_level"]
             rank_zero_info(str(self.pruner.plan))
 
     @override

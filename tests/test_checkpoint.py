@@ -340,3 +340,23 @@ def test_checkpoints_load_with_weights_only_and_none_is_written_without_saying_w
         checkpoint = torch.load(path, weights_only=True)
         assert any("StructuredPruning" in key for key in checkpoint["callbacks"])
     assert not is_masked(torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["state_dict"])
+
+
+def test_load_pruned_of_a_masked_checkpoint_does_not_warn_about_its_own_prepare():
+    """Without example inputs the analysis assumes a conv's batched input and prune() warns when no forward ran
+    since prepare() to confirm it; load_pruned's own prepare -> prune runs no forward and must not warn so."""
+    torch.manual_seed(0)
+    model = conv_bn().eval()
+    pruner = lp.SaliencyPruner(sparsity_level=0.5)
+    pruner.prepare(model, [{"tensor_fqn": "0.weight"}, {"tensor_fqn": "3.weight"}])
+    pruner.step()
+    saved = copy.deepcopy(model.state_dict())
+    with pytest.warns(UserWarning, match="no forward ran since prepare"):  # the user's own prune() is warned
+        pruner.prune()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fresh = lp.load_pruned(conv_bn(), saved).eval()
+    assert not [w for w in caught if "no forward ran since prepare" in str(w.message)]
+    assert fresh[0].out_channels == model[0].out_channels < 8
+    x = torch.randn(2, 3, 6, 6)
+    torch.testing.assert_close(fresh(x), model(x), rtol=1e-6, atol=1e-6)

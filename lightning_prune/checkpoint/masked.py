@@ -13,6 +13,7 @@ from torch import nn
 from lightning_prune.checkpoint.keys import dense_view, masked_config
 from lightning_prune.checkpoint.resize import resize_to, strip_masks
 from lightning_prune.errors import PruningConfigError
+from lightning_prune.fusion.ranks import remove_rank_probes
 from lightning_prune.sparsifier import BaseStructuredSparsifier
 
 
@@ -45,6 +46,9 @@ def fuse_masked(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, con
     except Exception:
         strip_masks(model)
         raise
+    # no forward runs between this prepare and prune, so the rank probes would warn that none confirmed the batched
+    # reading; the saved masks came from a run whose forward did
+    remove_rank_probes(pruner.rank_probes)
     pruner.prune()
     return pruner
 

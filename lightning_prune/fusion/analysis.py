@@ -30,12 +30,14 @@ def analyse(
     exclude_output: bool = False,
     select: Callable[[str], bool] | None = None,
     strict: bool = True,
+    sparsity_level: float = 0.5,
 ) -> PruningPlan:
     """Trace and walk ``model``, then settle the members.
 
     ``configured``: explicit tensor FQNs, honoured exactly or refused (``strict=False``: left out with the reason,
     as :func:`explain` shows them); None: every producer the walk found (for which ``select(fqn)`` holds) that can be
     pruned exactly, leaving out the rest (and, with ``exclude_output``, those whose channels reach the output).
+    ``sparsity_level``: the level the plan's table shows sizes at.
 
     Raises:
         UnsupportedPatternError: an explicit tensor cannot be pruned exactly (every such tensor and reason listed).
@@ -68,7 +70,8 @@ def analyse(
             module_fqn, _, name = fqn.rpartition(".")
             module = model.get_submodule(module_fqn)
             members.append(Member(module, module_fqn, name, fqn, producer.dim, producer.labels, producer.rule))
-        plan = PruningPlan(model, state, members, dropped, retained, example_inputs=example_inputs)
+        plan = PruningPlan(model, state, members, dropped, retained, example_inputs=example_inputs,
+                           sparsity_level=sparsity_level)
         if state.traced.front_end != "export" or not dry_run(plan, example_inputs):
             return plan
 

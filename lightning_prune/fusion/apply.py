@@ -58,9 +58,19 @@ class FusionResult:
     edits: int = 0  # journaled edits made (each one a point where a failure would have rolled back)
 
 
-def fuse(plan: PruningPlan) -> FusionResult:
-    """Shrink the model in place (see the module docstring)."""
-    check_ranks(plan)
+def fuse(plan: PruningPlan, param_orders: dict[int, list[str]] | None = None,
+         rank_probes: list | None = None) -> FusionResult:
+    """Shrink the model in place (see the module docstring).
+
+    ``param_orders``: each module's parameter order before masks were attached (by ``id``), restored as they come
+    off (what :func:`~.attach.attach_masks` returns); ``rank_probes``: the probes of :func:`~.ranks.attach_rank_probes`,
+    checked first and removed once the model is narrowed.
+
+    Raises:
+        UnsupportedPatternError: forward gave a probed module another input rank than the walk assumed.
+    """
+    rank_probes = [] if rank_probes is None else rank_probes
+    check_ranks(rank_probes)
     plan.walk.refresh()
     walk, root = plan.walk, plan.groups.solve()
     kept = plan.kept_classes()
@@ -84,9 +94,9 @@ def fuse(plan: PruningPlan) -> FusionResult:
     lineage: list = []
     with Surgery() as surgery:
         ctx.surgery = surgery
-        _mutate(ctx, keeps, folds, lineage)
+        _mutate(ctx, keeps, folds, lineage, param_orders or {})
     follow_config(plan.model)
-    remove_rank_probes(plan)
+    remove_rank_probes(rank_probes)
     notes += [f"'{fqn}' keeps its channels (zeroed where masked) to stay exact: {why}"
               for fqn, why in plan.retained.items()]
     for note in notes:
@@ -168,13 +178,13 @@ def _folds(plan, consts, root, kept, calls, keeps) -> dict[int, torch.Tensor]:
     return folds
 
 
-def _mutate(ctx: FuseContext, keeps, folds, lineage: list) -> None:
+def _mutate(ctx: FuseContext, keeps, folds, lineage: list, param_orders: dict[int, list[str]]) -> None:
     plan, surgery = ctx.plan, ctx.surgery
     walk, rules = plan.walk, registry.active()
     modules = list(dict.fromkeys(plan.model.modules()))
     zero: dict[int, tuple[int, torch.Tensor]] = {}
     for module in modules:  # masks off everywhere first: a tied weight's holders share one mask
-        for name, positions in _unmask(module, surgery, plan.param_orders.get(id(module))).items():
+        for name, positions in _unmask(module, surgery, param_orders.get(id(module))).items():
             zero[id(module._parameters[name])] = positions
     touched: set[int] = set()
     for module in modules:

@@ -16,9 +16,11 @@ from lightning_prune.fusion.rules import registry
 from lightning_prune.masks import ChannelMask, FakeStructuredSparsity, attach_channel_mask, attach_row_mask
 
 
-def attach_masks(plan: PruningPlan, prune_bias: dict[str, bool]) -> dict[str, FakeStructuredSparsity]:
-    """Row masks for the members (returned by tensor FQN), then the bias/affine masks."""
-    plan.param_orders = {id(m): list(m._parameters) for m in plan.model.modules()}
+def attach_masks(plan: PruningPlan, prune_bias: dict[str, bool]
+                 ) -> tuple[dict[str, FakeStructuredSparsity], dict[int, list[str]]]:
+    """Row masks for the members, then the bias/affine masks. Returns the row masks by tensor FQN, and each module's
+    parameter order before the masks (by ``id``), which ``fuse`` restores as it takes them off."""
+    param_orders = {id(m): list(m._parameters) for m in plan.model.modules()}
     masks: dict[str, FakeStructuredSparsity] = {}
     for member in plan.members:
         tensor = member.module._parameters.get(member.tensor_name)
@@ -52,7 +54,7 @@ def attach_masks(plan: PruningPlan, prune_bias: dict[str, bool]) -> dict[str, Fa
         attach_channel_mask(silence.module, silence.tensor_name, mask.to(device))
     for container, rule in registry.containers_holding(plan.model, [m.module for m in plan.members]):
         rule.on_masked(container)
-    return masks
+    return masks, param_orders
 
 
 def _compact(values: torch.Tensor, order: torch.Tensor) -> torch.Tensor:

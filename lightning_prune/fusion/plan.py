@@ -61,11 +61,8 @@ class PruningPlan:
     members: list[Member]
     dropped: dict[str, str] = field(default_factory=dict)  # tensor fqn -> why config=None left it out
     retained: dict[str, str] = field(default_factory=dict)  # tensor fqn -> why its channels stay (zeroed)
-    #: each module's parameter order before masks were attached, restored when they are removed
-    param_orders: dict[int, list[str]] = field(default_factory=dict)
-    rank_probes: list = field(default_factory=list)  # (RankProbe, hook handle): see fusion/ranks.py
     example_inputs: tuple[tuple, dict] | None = None
-    #: the level sizes are shown at by :meth:`table` and :meth:`to_dict`
+    #: the level sizes are shown at by :meth:`table` and :meth:`to_dict` (the analysis is told it)
     sparsity_level: float = 0.5
     #: how those sizes are allocated: ``"uniform_layers"`` removes as many classes from every set alike across layers
     allocation: str = "auto"

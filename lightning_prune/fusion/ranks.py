@@ -39,38 +39,43 @@ class RankProbe:
                               f"{_FIX}", UserWarning, stacklevel=2)
 
 
-def attach_rank_probes(plan: PruningPlan) -> None:
-    """One probe per module whose input rank the walk assumed (none when the plan had shapes)."""
+def attach_rank_probes(plan: PruningPlan) -> list[tuple[RankProbe, Any]]:
+    """One probe per module whose input rank the walk assumed (none when the plan had shapes); returns each probe
+    with its hook handle, for :func:`check_ranks` and :func:`remove_rank_probes`."""
+    probes: list[tuple[RankProbe, Any]] = []
     probed: set[tuple[int, int]] = set()
     for module, where, rank in plan.walk.assumed_ranks:
         if (id(module), rank) in probed:  # a module called twice: one probe sees both calls
             continue
         probed.add((id(module), rank))
         probe = RankProbe(module, where, rank)
-        plan.rank_probes.append((probe, module.register_forward_pre_hook(probe)))
+        probes.append((probe, module.register_forward_pre_hook(probe)))
+    return probes
 
 
-def check_ranks(plan: PruningPlan) -> None:
-    """Refuse the plan if forward gave a probed module an input of another rank than the walk assumed.
+def check_ranks(probes: list[tuple[RankProbe, Any]]) -> None:
+    """Refuse the plan if forward gave a probed module an input of another rank than the walk assumed; warn when
+    no forward reached any probe.
 
     Raises:
         UnsupportedPatternError: naming the call, the rank assumed and the rank seen.
     """
-    wrong = [_mismatch(probe.where, probe.rank, seen) for probe, _handle in plan.rank_probes
+    wrong = [_mismatch(probe.where, probe.rank, seen) for probe, _handle in probes
              for seen in probe.seen if seen != probe.rank]
     if wrong:
         raise UnsupportedPatternError(f"{'; '.join(wrong)}. {_FIX} The model is unchanged.")
-    unseen = [probe.where for probe, _handle in plan.rank_probes if not probe.seen]
-    if unseen and len(unseen) == len(plan.rank_probes):
+    unseen = [probe.where for probe, _handle in probes if not probe.seen]
+    if unseen and len(unseen) == len(probes):
         warnings.warn(f"{len(unseen)} convolution(s) were read as taking batched input, and no forward ran since "
                       f"prepare() to confirm it (e.g. {unseen[0]}); with an unbatched (C, *spatial) input the pruned "
                       f"model would not match. {_FIX}", UserWarning, stacklevel=4)
 
 
-def remove_rank_probes(plan: PruningPlan) -> None:
-    for _probe, handle in plan.rank_probes:
+def remove_rank_probes(probes: list[tuple[RankProbe, Any]]) -> None:
+    """Remove the probes' hooks (and empty the list)."""
+    for _probe, handle in probes:
         handle.remove()
-    plan.rank_probes.clear()
+    probes.clear()
 
 
 _FIX = ("Without example inputs the channel dim is inferred from the layer type, and an unbatched input puts it "

@@ -84,6 +84,10 @@ class BaseStructuredSparsifier(abc.ABC):
         self.model: nn.Module | None = None
         self.example_inputs: tuple[tuple, dict] | None = None
         self.plan: PruningPlan | None = None
+        #: each module's parameter order before the masks (by id), restored by prune()
+        self.param_orders: dict[int, list[str]] = {}
+        #: (RankProbe, hook handle) of each layer whose input rank the analysis assumed: see fusion/ranks.py
+        self.rank_probes: list = []
         self.pruned = False
         #: after prune(): the warnings fusion gave, and (new tensor, id of the old one, {dim: kept indices})
         self.notes: list[str] = []
@@ -166,7 +170,8 @@ class BaseStructuredSparsifier(abc.ABC):
         select = fqn_filter(include, exclude)
         with rules_scope(self.rules):
             plan = analyse(model, [g["tensor_fqn"] for g in entries] if explicit else None,
-                           example_inputs=self.example_inputs, exclude_output=exclude_output, select=select)
+                           example_inputs=self.example_inputs, exclude_output=exclude_output, select=select,
+                           sparsity_level=self.defaults["sparsity_level"])
             if explicit:
                 by_fqn = {g["tensor_fqn"]: g for g in entries}
                 groups = [by_fqn[m.tensor_fqn] for m in plan.members]
@@ -177,8 +182,8 @@ class BaseStructuredSparsifier(abc.ABC):
             for fqn, why in plan.retained.items():
                 warnings.warn(f"'{fqn}' will keep its channels (zeroed where masked) to stay exact: {why}",
                               UserWarning, stacklevel=2)
-            masks = attach_masks(plan, {g["tensor_fqn"]: g["prune_bias"] for g in groups})
-            attach_rank_probes(plan)
+            masks, self.param_orders = attach_masks(plan, {g["tensor_fqn"]: g["prune_bias"] for g in groups})
+            self.rank_probes = attach_rank_probes(plan)
         self.groups = groups
         self.state = {fqn: {"mask": parametrization.mask} for fqn, parametrization in masks.items()}
         self.model, self.plan, self.pruned = model, plan, False
@@ -254,15 +259,14 @@ class BaseStructuredSparsifier(abc.ABC):
         """
         self._require_prepared("prune()")
         with rules_scope(self.rules):
-            result = fuse(self.plan)
+            result = fuse(self.plan, self.param_orders, self.rank_probes)
         self.pruned = True
         self.notes, self.lineage, self.edits = result.notes, result.lineage, result.edits
         return self.model
 
     def forget_model(self) -> None:
         """Let go of the prepared model once its masks have been removed by other means (e.g. a checkpoint load)."""
-        if self.plan is not None:
-            remove_rank_probes(self.plan)
+        remove_rank_probes(self.rank_probes)
         self.model, self.plan, self.groups, self.state, self.pruned = None, None, [], {}, False
 
     def _require_prepared(self, what: str) -> None:

@@ -61,6 +61,7 @@ def explain(
         resolve_tensor(model, fqn)
     with rules_scope(rules):
         plan = analyse(model, fqns, example_inputs=None if example_inputs is None else as_call(example_inputs),
-                       exclude_output=exclude_output, select=fqn_filter(include, exclude), strict=False)
-    plan.sparsity_level, plan.allocation = sparsity_level, allocation
+                       exclude_output=exclude_output, select=fqn_filter(include, exclude), strict=False,
+                       sparsity_level=sparsity_level)
+    plan.allocation = allocation
     return plan

@@ -139,31 +139,31 @@ class ScoringPruner(BaseStructuredSparsifier):
         self.decide([member], sparsity_level)
 
     def update_masks(self) -> None:
-        self._kept = self.plan.kept_classes()  # updated as each coupled set is decided
-        try:
-            if self.budget is not None:
-                self.spend_budget()
-                return
-            sets = [([member for _, member in coupled], max(group["sparsity_level"] for group, _ in coupled))
-                    for coupled in self.coupled_sets()]
-            counts = [None] * len(sets)
-            if self.defaults.get("allocation") == "uniform_layers":
-                classes = [self.class_set(members) for members, _ in sets]
-                alone = [self.num_to_prune(int(cs.free.sum()), level)
-                         for cs, (_, level) in zip(classes, sets, strict=True)]
-                counts = common_removals(
-                    alone, [signature((m.tensor_fqn for m in cs.members), cs.classes.numel()) for cs in classes])
-            for (members, level), count in zip(sets, counts, strict=True):
-                self.decide(members, level, count)
-        finally:
-            self._kept = None
+        kept_roots = self.plan.kept_classes()  # updated as each coupled set is decided
+        if self.budget is not None:
+            self.spend_budget(kept_roots)
+            return
+        sets = [([member for _, member in coupled], max(group["sparsity_level"] for group, _ in coupled))
+                for coupled in self.coupled_sets()]
+        counts = [None] * len(sets)
+        if self.defaults.get("allocation") == "uniform_layers":
+            classes = [self.class_set(members) for members, _ in sets]
+            alone = [self.num_to_prune(int(cs.free.sum()), level)
+                     for cs, (_, level) in zip(classes, sets, strict=True)]
+            counts = common_removals(
+                alone, [signature((m.tensor_fqn for m in cs.members), cs.classes.numel()) for cs in classes])
+        for (members, level), count in zip(sets, counts, strict=True):
+            self.decide(members, level, kept_roots, count)
 
-    def spend_budget(self) -> None:
+    def spend_budget(self, kept_roots: torch.Tensor | None = None) -> None:
         """Mask classes across all coupled sets until the cost is ``1 - sparsity_level`` of dense (the budget,
-        ramped by a schedule); records the fraction reached in :attr:`budget_reached`."""
+        ramped by a schedule); records the fraction reached in :attr:`budget_reached`. ``kept_roots``: the plan's
+        kept classes (:meth:`PruningPlan.kept_classes`), when the caller has them."""
+        kept_roots = self.plan.kept_classes() if kept_roots is None else kept_roots
         level = max((g["sparsity_level"] for g in self.groups), default=0.0)
-        sets = [(cs, self.class_scores(cs)) for cs in (self.class_set(m) for m in self.plan.coupled_members())]
-        kept = self._kept.clone()
+        sets = [(cs, self.class_scores(cs, kept_roots))
+                for cs in (self.class_set(m) for m in self.plan.coupled_members())]
+        kept = kept_roots.clone()
         reached = allocate(sets, self.cost, self.budget, kept, 1.0 - level, normalise=not self.comparable_scores)
         for cs, _ in sets:
             cs.write(kept[cs.classes])
@@ -189,36 +189,40 @@ class ScoringPruner(BaseStructuredSparsifier):
             cache[key] = (self.plan, class_structure(self.plan, members))
         return class_set(self.plan, members, cache[key][1])
 
-    def class_scores(self, cs: ClassSet) -> torch.Tensor:
-        """One score per class of ``cs``: removed classes score -inf (they go first), blocked ones +inf."""
-        scores = self.channel_scores(cs.members, cs.index, cs.kept, cs.classes.numel())
+    def class_scores(self, cs: ClassSet, kept_roots: torch.Tensor | None = None) -> torch.Tensor:
+        """One score per class of ``cs``: removed classes score -inf (they go first), blocked ones +inf
+        (``kept_roots``: as for :meth:`member_row_scores`)."""
+        scores = self.channel_scores(cs.members, cs.index, cs.kept, cs.classes.numel(), kept_roots)
         return scores.masked_fill(~cs.kept, float("-inf")).masked_fill(~cs.free, float("inf"))
 
-    def decide(self, members: list[Member], sparsity_level: float, count: int | None = None) -> None:
+    def decide(self, members: list[Member], sparsity_level: float, kept_roots: torch.Tensor | None = None,
+               count: int | None = None) -> None:
         """Mask the ``sparsity_level`` lowest-scoring classes of channels in every member (``count`` of them, when
         given: the number ``allocation="uniform_layers"`` agreed on for sets alike across layers).
 
         The classes are those of the members' rows (a channel, or a head, or a GroupNorm group: whatever the
         analysis found must go together); classes that cannot be removed are never counted or chosen.
+        ``kept_roots`` (a bool per class root, as :meth:`PruningPlan.kept_classes`), when given, is updated with
+        the decision, so the coupled sets decided after this one see it.
         """
         cs = self.class_set(members)
-        scores = self.class_scores(cs)
+        scores = self.class_scores(cs, kept_roots)
         free = int(cs.free.sum())
         k = min(max(self.num_to_prune(free, sparsity_level) if count is None else count, 0), free)
         keep = torch.ones(cs.classes.numel(), dtype=torch.bool)
         keep[scores.topk(k, largest=False).indices] = False
         cs.write(keep)
-        if getattr(self, "_kept", None) is not None:
-            self._kept[cs.classes] = keep | ~cs.free
+        if kept_roots is not None:
+            kept_roots[cs.classes] = keep | ~cs.free
 
     def channel_scores(self, members: list[Member], index: list[torch.Tensor], kept: torch.Tensor,
-                       count: int) -> torch.Tensor:
+                       count: int, kept_roots: torch.Tensor | None = None) -> torch.Tensor:
         """Each class's score: the sum over members of the scores of its rows (:meth:`member_row_scores`), each
         member scaled to mean 1 over its kept classes so layers of different magnitude weigh the same (unless
         :attr:`comparable_scores`)."""
         total = torch.zeros(count)
         for member, idx in zip(members, index, strict=True):
-            row_scores = self.member_row_scores(member, kept[idx])
+            row_scores = self.member_row_scores(member, kept[idx], kept_roots)
             scores = torch.zeros(count).index_add_(0, idx, row_scores.float().cpu())
             if self.comparable_scores:
                 total += scores
@@ -229,11 +233,13 @@ class ScoringPruner(BaseStructuredSparsifier):
             total += scores / base.abs().mean().clamp_min(torch.finfo(scores.dtype).tiny)
         return total
 
-    def member_row_scores(self, member: Member, alive: torch.Tensor) -> torch.Tensor:
+    def member_row_scores(self, member: Member, alive: torch.Tensor,
+                          kept_roots: torch.Tensor | None = None) -> torch.Tensor:
         """One score per row of ``member`` (``alive``: whether each row's class is kept). Weight-based: the
-        :meth:`row_scores` of the raw weight, without the input columns fed only by removed channels."""
+        :meth:`row_scores` of the raw weight, without the input columns fed only by removed channels (those whose
+        class ``kept_roots`` does not keep; default: the plan's :meth:`PruningPlan.kept_classes`)."""
         plan = self.plan
-        kept_classes = self._kept if getattr(self, "_kept", None) is not None else plan.kept_classes()
+        kept_classes = plan.kept_classes() if kept_roots is None else kept_roots
         # the raw weight: masked rows differ from the masked weight, but they score -inf anyway
         weight = plan.tensor(member.module, member.tensor_name).detach().movedim(member.dim, 0)
         columns = plan.input_classes(member.module, member.tensor_name, member.dim)

@@ -165,7 +165,8 @@ class StatisticsPruner(ScoringPruner):
         finally:
             self._scores = None
 
-    def member_row_scores(self, member: Member, alive: torch.Tensor) -> torch.Tensor:
+    def member_row_scores(self, member: Member, alive: torch.Tensor,
+                          kept_roots: torch.Tensor | None = None) -> torch.Tensor:
         scores = self._scores if getattr(self, "_scores", None) is not None else self.values()
         return scores[member.labels]
 
