@@ -14,8 +14,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lightning_prune.fusion.layout import FIXED
-
 
 @dataclass
 class Block:
@@ -142,18 +140,3 @@ class ChannelGroups:
     def output_classes(self) -> set[int]:
         root = self.solve()
         return {c for ids in self.outputs for c in root[ids].unique().tolist()}
-
-    def couplings_between(self, a: torch.Tensor, b: torch.Tensor) -> list[str]:
-        """Where the classes of ``a`` and ``b`` were joined (for error messages)."""
-        root = self.solve()
-        ca, cb = set(root[a[a >= 0]].tolist()), set(root[b[b >= 0]].tolist())
-        found = []
-        for c in self.couplings:
-            classes = set(root[c.a[:1]].tolist())
-            if classes & ca and classes & cb and c.where not in found:
-                found.append(c.where)
-        return found
-
-
-def fixed_like(labels: torch.Tensor) -> torch.Tensor:
-    return torch.full_like(labels, FIXED)

@@ -47,10 +47,6 @@ class ChannelGroup:
     blocked: dict[int, list[str]]  # class -> reasons it stays
     granularity: str = "channel"
 
-    @property
-    def prunable(self) -> bool:
-        return any(int(c) not in self.blocked for c in self.classes)
-
 
 @dataclass
 class PruningPlan:

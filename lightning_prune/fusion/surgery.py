@@ -206,13 +206,6 @@ class Surgery:
             tensor.add_(delta.to(tensor.dtype))
         self._undo.append(lambda: tensor.copy_(saved))
 
-    def call(self, fn: Callable[[], Any], undo: Callable[[], None]) -> Any:
-        """Run ``fn`` (an edit this class does not model) with its own undo."""
-        self._edit()
-        result = fn()
-        self._undo.append(undo)
-        return result
-
 
 def _swap(tensor: torch.Tensor, dim: int, a: torch.Tensor, b: torch.Tensor) -> None:
     """Exchange the entries ``a`` and ``b`` (disjoint, equally many) of ``tensor`` along ``dim``, in place."""

@@ -215,7 +215,3 @@ class Visit:
         """A rule-specific narrowing record, handed back to ``rule.narrow(module, data, ctx)`` at prune time; ``module``
         defaults to the node's own module (a function rule names the module whose attributes it narrows)."""
         self.state.actions.append((module if module is not None else self.module, self.rule, data))
-
-    def freeze(self, tensor: torch.Tensor, reason: str) -> None:
-        """``tensor`` must keep its shape (something reads it whole): block whatever would narrow it."""
-        self.state.frozen.setdefault(id(tensor), reason)

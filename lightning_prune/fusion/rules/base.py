@@ -47,10 +47,14 @@ class Rule:
     """Base of all rules."""
 
     kind: RuleKind = RuleKind.BLOCKING
-    #: the module is not a leaf: the front ends trace through it and only :meth:`sync` is used (ContainerRule)
-    transparent: bool = False
     #: a call of the module returns a tensor of its input's shape and dtype, so the shape pass skips running it
     keeps_shape: bool = False
+
+    @property
+    def transparent(self) -> bool:
+        """Whether the module is not a leaf (a ``CONTAINER`` rule): the front ends trace through it and only
+        :meth:`sync` is used."""
+        return self.kind is RuleKind.CONTAINER
 
     def visit(self, v: Visit) -> None:
         """Read the node's inputs from ``v`` and record its output layout, couplings, blocks and bindings."""
@@ -113,10 +117,6 @@ class LayerRule(Rule):
     kind = RuleKind.LAYER
     #: where the channels sit in the layer's (batched) input and output tensors: 1 (N, C, ...) or -1 (..., C)
     channel_dim: int = -1
-
-    def prunable_tensors(self, module: nn.Module) -> list[str]:
-        """Names of the weights whose rows are this layer's output channels."""
-        return ["weight"]
 
     def channel_dim_of_weight(self, module: nn.Module) -> int:
         """The weight dim that holds the output channels (the input channels are the other leading dim)."""
@@ -319,7 +319,6 @@ class ContainerRule(Rule):
     children after they were narrowed; fusion and ``load_pruned`` call it after the children's own syncs."""
 
     kind = RuleKind.CONTAINER
-    transparent = True
 
     def visit(self, v: Visit) -> None:  # pragma: no cover - the front ends never make a node for it
         raise RuntimeError(f"{type(self).__name__} is a container rule; its module is traced through")

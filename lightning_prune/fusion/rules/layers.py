@@ -10,7 +10,7 @@ from torch import nn
 from lightning_prune.errors import UnsupportedPatternError
 from lightning_prune.fusion.layout import Layout
 from lightning_prune.fusion.records import TensorRef
-from lightning_prune.fusion.rules.base import LayerRule, RuleKind, features_at, input_layout, tie_axis
+from lightning_prune.fusion.rules.base import LayerRule, features_at, input_layout, tie_axis
 from lightning_prune.fusion.rules.registry import aten, register_functions, register_layer
 
 
@@ -204,9 +204,6 @@ class LSTMRule(LayerRule):
     #: units that fusion cannot remove exactly (a LayerNorm over them) stay, zeroed, instead of refusing the config
     retain_blocked = True
 
-    def prunable_tensors(self, module):
-        return [f"weight_{kind}_l{k}" for k in range(module.num_layers) for kind in ("ih", "hh")]
-
     def in_channels(self, module):
         return module.input_size
 
@@ -385,8 +382,6 @@ class FunctionalLayerRule(LayerRule):
     def fold(self, module, removed, values):
         return module.weight[:, removed].to(values.dtype) @ values
 
-
-LayerRule.kind = RuleKind.LAYER
 
 register_layer(nn.Linear, LinearRule())
 _CONV = ConvRule()
