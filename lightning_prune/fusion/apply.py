@@ -71,8 +71,7 @@ def fuse(plan: PruningPlan, param_orders: dict[int, list[str]] | None = None,
     """
     rank_probes = [] if rank_probes is None else rank_probes
     check_ranks(rank_probes)
-    plan.walk.refresh()
-    walk, root = plan.walk, plan.groups.solve()
+    walk, root = plan.current_walk(), plan.groups.solve()
     kept = plan.kept_classes()
     consts, dependent = propagate(walk)
     kept[root[dependent]] = True

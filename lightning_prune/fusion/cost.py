@@ -95,14 +95,13 @@ class CostModel:
     @classmethod
     def of(cls, walk: Walk, metric: str, example_inputs: tuple[tuple, dict] | None = None) -> CostModel:
         """The cost model of ``metric`` ("macs": needs ``example_inputs``, (args, kwargs); "params") for the model
-        the walk read.
+        the walk read (a current walk: :meth:`PruningPlan.current_walk`).
 
         Raises:
             ValueError: an unknown metric, or "macs" without example inputs.
         """
         if metric not in METRICS:
             raise ValueError(f"unknown cost metric {metric!r}; choose one of {list(METRICS)}")
-        walk.refresh()
         root = walk.groups.solve()
         dims: dict[int, list[torch.Tensor]] = {}
         for (tensor_id, _dim), binding in sorted(walk.bindings.items(), key=lambda kv: kv[0][1]):

@@ -86,8 +86,15 @@ class PruningPlan:
             ValueError: an unknown metric, or "macs" without example inputs.
         """
         if metric not in self._costs:
-            self._costs[metric] = CostModel.of(self.walk, metric, self.example_inputs)
+            self._costs[metric] = CostModel.of(self.current_walk(), metric, self.example_inputs)
         return self._costs[metric]
+
+    def current_walk(self) -> Walk:
+        """The walk, following the tensors the model replaced since the analysis (``.to()``, a strategy moving the
+        model to its device: see :meth:`Walk.refresh`). Everything that reads the walk's tables by tensor id after
+        the model may have moved (the cost models, ``prune()``) reads them through this."""
+        self.walk.refresh()
+        return self.walk
 
     @property
     def groups(self):

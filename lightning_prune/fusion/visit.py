@@ -100,6 +100,33 @@ class Visit:
             self.state.assumed_ranks.append((self.module, self.where, ndim))
         return ndim
 
+    @property
+    def front_end(self) -> str:
+        """The front end that made the graph: "fx" or "export"."""
+        return self.state.traced.front_end
+
+    def output(self) -> Any:
+        """The value recorded for this node so far (its layout once :meth:`set`; None before)."""
+        return self.state.values.get(self.node.name)
+
+    def lost(self, arg: Any) -> str | None:
+        """The op where the channels ``arg`` (a node) is computed from were lost, if any."""
+        return self.state.lost.get(arg.name) if isinstance(arg, fx.Node) else None
+
+    def note(self) -> Any:
+        """What the rule of an earlier node left for this one (:meth:`leave_note`), or None."""
+        return self.state.notes.get(self.node.name)
+
+    def holder(self, tensor: torch.Tensor) -> tuple[nn.Module, str, str] | None:
+        """The first (module, module FQN, name) holding ``tensor`` as a parameter or buffer; None for a tensor no
+        module holds (a constant made in forward)."""
+        holders = self.state.holders.get(id(tensor))
+        return holders[0] if holders else None
+
+    def submodule(self, target: str) -> nn.Module:
+        """The model's submodule at ``target`` (a ``call_module`` node's target)."""
+        return self.state.model.get_submodule(target)
+
     def channel_inputs(self) -> list[Any]:
         """The values of every input node that carries channels."""
         values = [self.state.values.get(a.name) for a in self.node.all_input_nodes]
@@ -210,6 +237,15 @@ class Visit:
         channels in ``labels``."""
         if self.tensor(tensor_name, module) is not None:
             self.state.silences.append(Silence(module, tensor_name, labels.reshape(-1), always))
+
+    def leave_note(self, node: fx.Node, data: Any) -> None:
+        """Leave ``data`` for the rule of a later ``node`` (read there with :meth:`note`)."""
+        self.state.notes[node.name] = data
+
+    def consumer(self, module: nn.Module, labels: torch.Tensor, rule: Any = None) -> None:
+        """This call of ``module`` reads channels: ``labels`` gives the channel of each input feature (fusion folds
+        the constants of removed ones into its bias). ``rule`` defaults to the node's own."""
+        self.state.consumers.append((self.node, module, self.rule if rule is None else rule, labels))
 
     def action(self, data: Any, module: nn.Module | None = None) -> None:
         """A rule-specific narrowing record, handed back to ``rule.narrow(module, data, ctx)`` at prune time; ``module``

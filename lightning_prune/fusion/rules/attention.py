@@ -238,7 +238,7 @@ class SdpaRule(AttentionRule):
         rank, groups = v.ndim(), self.groups(v, q, k)
         labels = self._spread(val.small, val, rank, groups)
         values = self._spread(val.values(v, inputs), val, rank, groups)
-        return _at(v.state.values[v.node.name], labels.shape, values), False
+        return _at(v.output(), labels.shape, values), False
 
 
 class MatmulRule(AttentionRule):
@@ -248,7 +248,7 @@ class MatmulRule(AttentionRule):
     def operands(self, v) -> tuple[Operand, Operand]:
         second = v.arg(1, "other")
         a, b = Operand(v, v.arg(0, "input")), Operand(v, second if second is not None else v.arg(1, "mat2"))
-        weights = v.state.notes.get(v.node.name)
+        weights = v.note()
         if weights is not None and a.layout is None:
             a.weigh(*weights)
         return a, b
@@ -291,7 +291,7 @@ class MatmulRule(AttentionRule):
         if contracted and heads:
             found = follow(v, v.node, heads, self.second)
             if found is not None:  # scores whose every use is per head (rules/scores.py): no labels of their own
-                v.state.notes[found[0].name] = (labels, found[1])
+                v.leave_note(found[0], (labels, found[1]))
                 return
         v.set(_output(labels))
 
@@ -317,7 +317,7 @@ class MatmulRule(AttentionRule):
         if length == 1:
             out = out * a.shape[-1]
         part_a, part_b = torch.broadcast_tensors(*self._parts(a, b, rank))
-        result = _at(v.state.values[v.node.name], part_a.shape, out)
+        result = _at(v.output(), part_a.shape, out)
         runtime = not (a.known and b.known) or a.layout is None or b.layout is None
         return result, (result != 0) if runtime else False
 

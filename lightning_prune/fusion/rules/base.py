@@ -187,7 +187,7 @@ class LayerRule(Rule):
             v.hold(v.tensor(name), weight_dim)
             return
         v.bind(v.tensor(name), weight_dim, labels)
-        v.state.consumers.append((v.node, module, self, labels))
+        v.consumer(module, labels, self)
 
     def produce(self, v: Visit, module: nn.Module, dim: int) -> Layout:
         """Output channel ids (the weight's rows), the bias bound and silenced with them."""

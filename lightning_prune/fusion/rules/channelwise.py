@@ -32,7 +32,7 @@ class BatchNormRule(ChannelwiseRule):
 
     def visit(self, v) -> None:
         super().visit(v)
-        if v.state.values.get(v.node.name) is not None:
+        if v.output() is not None:
             v.action(v.layout(v.arg(0, "input")).labels.reshape(-1))
 
     def const_map(self, module, values):
@@ -80,7 +80,7 @@ class GroupNormRule(ChannelwiseRule):
             v.set(flow)
             return
         super().visit(v)
-        if v.state.values.get(v.node.name) is None:
+        if v.output() is None:
             return
         tie_axis(v, flow.labels.reshape(module.num_groups, -1), 1)  # one group = one class
         v.action(flow.labels.reshape(-1))

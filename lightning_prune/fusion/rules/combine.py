@@ -87,9 +87,9 @@ class CombineRule(Rule):
             v.block(flow, f"{v.where} combines the channels with a parameter along several dims")
             return
         v.bind(tensor, along[0], flow.labels.reshape(-1))
-        holders = v.state.holders.get(id(tensor))  # none: a constant made in forward (frozen, so refused)
-        if self.additive and along[0] == 0 and holders:  # per channel along dim 0 (a bias of shape (C,), (C, 1, 1))
-            owner, _fqn, name = holders[0]
+        holder = v.holder(tensor)  # none: a constant made in forward (frozen, so refused)
+        if self.additive and along[0] == 0 and holder:  # per channel along dim 0 (a bias of shape (C,), (C, 1, 1))
+            owner, _fqn, name = holder
             v.silence(owner, name, flow.labels.reshape(-1))
         v.set(out)
 
@@ -135,7 +135,7 @@ class CombineRule(Rule):
 
 def _untracked(v, other) -> str:
     """Why the channels cannot meet ``other``, a value whose channels (if any) are not known here."""
-    lost = v.state.lost.get(other.name) if isinstance(other, torch.fx.Node) else None
+    lost = v.lost(other)
     if lost is not None:
         return (f"{v.where} mixes the pruned channels with a value computed from the output of {lost}, whose "
                 "channels fusion could not follow (see that op's refusal)")
@@ -151,7 +151,7 @@ def _per_position(v, tensor: torch.Tensor) -> tuple[torch.Tensor, bool]:
     whether it also varies along the dims that carry no channels (then a constant channel stops being constant)."""
     if tensor.numel() == 1:
         return tensor.reshape(()), False
-    out = v.state.values[v.node.name]
+    out = v.output()
     dims = [a - out.ndim + tensor.dim() for a in out.axes]  # the parameter's dim at each label axis (< 0: absent)
     along = [d for d in dims if d >= 0]
     rest = [d for d in range(tensor.dim()) if d not in along]

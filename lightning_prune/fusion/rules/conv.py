@@ -73,7 +73,7 @@ class ConvRule(LayerRule):
         tie_axis(v, parts, 0)
         name, weight_dim = self.input_tensor(module)
         v.bind(v.tensor(name), weight_dim, parts[0])
-        v.state.consumers.append((v.node, module, self, labels))
+        v.consumer(module, labels, self)
 
     def produce(self, v, module, dim) -> Layout:
         out = super().produce(v, module, dim)

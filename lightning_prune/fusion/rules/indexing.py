@@ -332,7 +332,7 @@ class SplitRule(Rule):
         if len(set(sizes)) != 1:
             v.block(flow, f"{v.where} splits the pruned channels into unequal parts")
             return
-        if v.state.traced.front_end == "fx" and self._literal(v.arg(1)):
+        if v.front_end == "fx" and self._literal(v.arg(1)):
             v.block(flow, f"{v.where} splits the pruned channels at literal sizes ({v.arg(1)}), which would not "
                           "follow the narrower layer; use chunk() or compute them from x.shape")
             return

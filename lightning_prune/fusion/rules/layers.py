@@ -62,24 +62,23 @@ class FunctionalLayerRule(LayerRule):
     def visit(self, v) -> None:
         weight_ref, bias_ref = v.value(v.arg(1, "weight")), v.value(v.arg(2, "bias"))
         groups = v.arg(6, "groups", 1) if self.conv_dims else 1
-        held = v.state.holders
-        if (not isinstance(weight_ref, TensorRef) or id(weight_ref.tensor) not in held or groups != 1
-                or (bias_ref is not None and not (isinstance(bias_ref, TensorRef) and id(bias_ref.tensor) in held))):
+        if (not isinstance(weight_ref, TensorRef) or v.holder(weight_ref.tensor) is None or groups != 1
+                or (bias_ref is not None and not (isinstance(bias_ref, TensorRef) and v.holder(bias_ref.tensor)))):
             v.block_inputs("computes its weight at run time (or is grouped), which fusion cannot narrow")
             return
-        owner, _fqn, name = v.state.holders[id(weight_ref.tensor)][0]
+        owner, _fqn, name = v.holder(weight_ref.tensor)
         flow = v.layout(v.arg(0, "input"))
         dim = 1 if self.conv_dims and not (v.shapes and v.ndim(v.arg(0)) == self.conv_dims + 1) else (
             0 if self.conv_dims else -1)
         labels = features_at(v, flow, dim, weight_ref.tensor.shape[1]) if flow is not None else None
         if labels is not None:
             v.bind(weight_ref.tensor, 1, labels)
-            v.state.consumers.append((v.node, owner, self, labels))
+            v.consumer(owner, labels, self)
         else:
             v.hold(weight_ref.tensor, 1)
         ids = v.produce(owner, name, 0)
         if bias_ref is not None:
-            bias_owner, _, bias_name = v.state.holders[id(bias_ref.tensor)][0]
+            bias_owner, _, bias_name = v.holder(bias_ref.tensor)
             v.bind(bias_ref.tensor, 0, ids)
             v.silence(bias_owner, bias_name, ids)
         v.set(Layout.vector(ids, dim, v.ndim() if v.shapes else None))
@@ -88,7 +87,7 @@ class FunctionalLayerRule(LayerRule):
         bias_ref = v.value(v.arg(2, "bias"))
         weight_ref = v.value(v.arg(1, "weight"))
         if isinstance(bias_ref, TensorRef):  # read through its module: masked with the channels
-            owner, _fqn, name = v.state.holders[id(bias_ref.tensor)][0]
+            owner, _fqn, name = v.holder(bias_ref.tensor)
             return getattr(owner, name).detach().to(torch.float64).cpu()
         return torch.zeros(weight_ref.tensor.shape[0], dtype=torch.float64)
 

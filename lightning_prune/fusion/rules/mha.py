@@ -155,7 +155,7 @@ class MultiheadAttentionRule(LayerRule):
                 v.block(labels, f"{v.where} reads a key/value stream apart from its query stream")
                 continue
             v.bind(v.tensor(name), 1, labels)
-            v.state.consumers.append((v.node, module, self, labels))
+            v.consumer(module, labels, self)
 
     def _unsupported(self, v, module) -> str | None:
         if module.bias_k is not None or module.add_zero_attn:

@@ -56,7 +56,7 @@ def _per_head(v, node: fx.Node, user: fx.Node, rank: int, heads: set[int]) -> st
     """How ``user`` treats the scores ``node``: "softmax" (over the keys), "same" (values unchanged: a cast, dropout),
     "pointwise", or None when it may mix heads."""
     if user.op == "call_module":
-        module = v.state.model.get_submodule(user.target)
+        module = v.submodule(user.target)
         if isinstance(module, nn.Softmax):
             return "softmax" if module.dim is not None and module.dim % rank == rank - 1 else None
         rule = active().call_rule(module)

@@ -66,7 +66,7 @@ class ReshapeRule(Rule):
         if result is None:
             return
         sizes = self._sizes(v, len(old), len(new))
-        if sizes is not None and v.state.traced.front_end == "fx" and len(sizes) == len(new):
+        if sizes is not None and v.front_end == "fx" and len(sizes) == len(new):
             literal = [k for k, a in enumerate(result.axes) if _literal(sizes[a])]
             if len(literal) == len(result.axes):
                 v.block(flow, f"{v.where} writes the size of a pruned dim as a literal "
