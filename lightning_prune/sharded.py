@@ -74,7 +74,7 @@ def gathered(module: nn.Module, plan: PruningPlan | None = None) -> Iterator[Non
     for fsdp in sharded:
         fsdp.unshard()
     if plan is not None:
-        plan.walk.refresh()  # the plan knows the tensors by identity: the unsharded ones replaced the walk's
+        plan.current_walk()  # the plan knows the tensors by identity: the unsharded ones replaced the walk's
     try:
         yield
     finally:
