@@ -76,8 +76,9 @@ class FunctionalNormRule(Rule):
         for role, ref in refs.items():
             v.bind(ref.tensor, 0, labels)
             if role in ("weight", "bias"):
-                for module, _fqn, name in v.state.holders.get(id(ref.tensor), [])[:1]:
-                    v.silence(module, name, labels)
+                holder = v.holder(ref.tensor)
+                if holder is not None:
+                    v.silence(holder[0], holder[2], labels)
         v.set(flow)
 
     def _groups(self, v, flow) -> bool:
@@ -92,8 +93,8 @@ class FunctionalNormRule(Rule):
                           "others; more groups are pruned a whole group at a time")
             return False
         weight = self.tensors(v).get("weight")
-        holders = v.state.holders.get(id(v.value(weight).tensor), []) if weight is not None else []
-        owner = holders[0][0] if holders else v.owner()
+        holder = v.holder(v.value(weight).tensor) if weight is not None else None
+        owner = holder[0] if holder else v.owner()
         if getattr(owner, "num_groups", None) != groups:
             v.block(flow, f"{v.where} takes {groups} groups written in forward, not read from a module's "
                           "num_groups, so fusion cannot lower it with the removed groups")
@@ -116,7 +117,7 @@ class FunctionalNormRule(Rule):
         flag = v.arg(*self.flag)
         if flag is None:
             return self.input_stats
-        return bool(flag) if v.state.traced.front_end == "export" else False
+        return bool(flag) if v.front_end == "export" else False
 
     def const(self, v, values):
         tensors = {role: _current(v, v.value(arg).tensor).detach().to(torch.float64).cpu()
@@ -140,8 +141,8 @@ class FunctionalNormRule(Rule):
 
 def _current(v, tensor: torch.Tensor) -> torch.Tensor:
     """The tensor as its module reads it now: through its masks (a masked affine gives a removed channel 0)."""
-    holders = v.state.holders.get(id(tensor))
-    return getattr(holders[0][0], holders[0][2]) if holders else tensor
+    holder = v.holder(tensor)
+    return getattr(holder[0], holder[2]) if holder else tensor
 
 
 _STATS = {"running_mean": 1, "running_var": 2, "weight": 3, "bias": 4}
