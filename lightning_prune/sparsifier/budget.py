@@ -151,16 +151,6 @@ class _Set:
     widths: list[int]  # allowed widths in classes, from the current one down
 
 
-@dataclass
-class _Set:
-    """One coupled set as the allocator sees it: classes in removal order and the widths it may take."""
-
-    cs: ClassSet
-    scores: torch.Tensor  # normalised, one per class of cs
-    order: torch.Tensor  # positions in cs.classes of the removable kept classes, lowest score first
-    widths: list[int]  # allowed widths in classes, from the current one down
-
-
 def allocate(sets: list[tuple[ClassSet, torch.Tensor]], cost: CostModel, budget: Budget, kept: torch.Tensor,
              ratio: float, normalise: bool = True) -> float:
     """Remove classes from ``kept`` (a bool per channel id, at class roots; changed in place) until the cost is at
