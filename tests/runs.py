@@ -168,3 +168,14 @@ def run_ddp_script(tmp_path, source: str) -> subprocess.CompletedProcess:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     return subprocess.run([sys.executable, str(script), str(tmp_path)], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=180)
+
+
+def two_ranks_and_one_process(tmp_path, source: str, name: str) -> tuple[list[dict], dict]:
+    """Run ``source`` on 2 ranks (:func:`run_ddp_script`; each rank saves ``fit(2)``'s results to ``rank{r}.pt``),
+    then its ``fit(1)`` in this process: the two ranks' results and the single process's, to compare."""
+    run = run_ddp_script(tmp_path, source)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    namespace: dict = {}
+    exec(compile(source, name, "exec"), namespace)
+    return ranks, namespace["fit"](1)

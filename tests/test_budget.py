@@ -18,6 +18,7 @@ from lightning_prune import (
 )
 from lightning_prune.app.models import DigitsCNN, DigitsLSTM, DigitsResNet
 from lightning_prune.measure import count_macs, count_params
+from tests.checks import cheapest_digits_cnn_class
 from tests.transformer_models import hand
 
 IMAGES = torch.randn(2, 1, 8, 8)
@@ -212,13 +213,6 @@ def test_a_ramp_keeps_small_classes_for_its_last_step():
     assert 0.38 <= pruner.budget_reached <= 0.4
 
 
-def _cheapest_digits_cnn_class(model: DigitsCNN) -> int:
-    """MACs per sample one more output channel of the cheapest conv of a DigitsCNN would save (8x8 inputs, the third
-    conv after a 2x2 pool, 10 classes), from its widths."""
-    first, second, third = (m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d))
-    return min((1 + second) * 9 * 64, first * 9 * 64 + third * 9 * 16, second * 9 * 16 + 10)
-
-
 @pytest.mark.parametrize("allocation", ["global", "uniform"])
 def test_a_ramped_budget_lands_below_it_by_less_than_the_cheapest_class(allocation):
     """A ramp's removals are final, so its last step could only choose among what was left: with a global budget on
@@ -239,6 +233,6 @@ def test_a_ramped_budget_lands_below_it_by_less_than_the_cheapest_class(allocati
     pruner.prune()
     reached = count_macs(model, images[:1]) / dense
     assert reached == pytest.approx(landing["reached"])
-    cheapest = _cheapest_digits_cnn_class(model)
+    cheapest = cheapest_digits_cnn_class(model)
     assert landing["resolution"] == pytest.approx(cheapest / dense)
     assert 0.5 - cheapest / dense < reached <= 0.5

@@ -22,8 +22,8 @@ from lightning_prune import (
 from lightning_prune.app.data import DigitsDataModule
 from lightning_prune.app.models import DigitsCNN
 from lightning_prune.app.module import LitClassifier
-from tests.runs import run_ddp_script
-from tests.test_budget import _cheapest_digits_cnn_class
+from tests.checks import cheapest_digits_cnn_class
+from tests.runs import two_ranks_and_one_process
 
 SCRIPT = textwrap.dedent(
     '''
@@ -90,12 +90,7 @@ SCRIPT = textwrap.dedent(
 
 
 def test_two_ddp_ranks_decide_what_one_process_decides_over_the_same_global_batches(tmp_path):
-    run = run_ddp_script(tmp_path, SCRIPT)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
-    namespace: dict = {}
-    exec(compile(SCRIPT, "importance_ddp_script", "exec"), namespace)
-    single = namespace["fit"](1)
+    ranks, single = two_ranks_and_one_process(tmp_path, SCRIPT, "importance_ddp_script")
     for name in ("activation", "taylor"):
         expected = single[name]
         assert any(not bool(mask.all()) for mask in expected["masks"].values())
@@ -237,7 +232,7 @@ def test_a_macs_budget_through_the_callback_lands_within_the_cheapest_class_and_
         _trainer(tmp_path, [pruning], max_epochs=3, limit_train_batches=10, limit_val_batches=0,
                  num_sanity_val_steps=0).fit(module, DigitsDataModule())
     landing = pruning.summary()["budget"]
-    cheapest = _cheapest_digits_cnn_class(module.net) / 599_680  # the dense MACs per sample
+    cheapest = cheapest_digits_cnn_class(module.net) / 599_680  # the dense MACs per sample
     assert landing["resolution"] == pytest.approx(cheapest)
     assert 0.5 - cheapest < landing["reached"] <= 0.5
     assert f"budget macs=0.5: landed at {landing['reached']:.4f} of the dense macs" in caplog.text

@@ -105,6 +105,20 @@ def test_no_function_imports_a_project_module():
     assert not in_functions, "imports of project modules inside functions:\n" + "\n".join(in_functions)
 
 
+def test_no_test_module_imports_another():
+    """Shared test helpers live in helper modules (tests/runs.py, checks.py, pruners.py, ...), not in test modules."""
+    tests = PACKAGE.parent / "tests"
+    found = []
+    for path in sorted(tests.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = ([node.module or ""] if isinstance(node, ast.ImportFrom)
+                     else [alias.name for alias in node.names] if isinstance(node, ast.Import) else [])
+            found += [f"{path.name}:{node.lineno} imports {n}" for n in names
+                      if n.split(".")[-1].startswith("test_") and (n.startswith("tests.") or "." not in n)]
+    assert len(list(tests.glob("test_*.py"))) > 20  # the folder was read
+    assert not found, "\n".join(found)
+
+
 def _write(root: Path, files: dict[str, str]) -> Path:
     for name, text in files.items():
         path = root / name

@@ -23,7 +23,7 @@ from torch.nn.utils import parametrize
 
 from lightning_prune import PruningConfigError, SaliencyPruner, StructuredPruning, load_pruned
 from lightning_prune.setup_checks import refuse_unsupported
-from tests.test_ddp import run_ddp_script
+from tests.runs import run_ddp_script, two_ranks_and_one_process
 
 MODELS = textwrap.dedent(
     '''
@@ -178,12 +178,7 @@ SCRIPT = MODELS + textwrap.dedent(
 
 
 def test_two_fsdp2_ranks_end_with_the_model_one_process_prunes_from_the_same_global_batches(tmp_path):
-    run = run_ddp_script(tmp_path, SCRIPT)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
-    namespace: dict = {}
-    exec(compile(SCRIPT, "sharded_script", "exec"), namespace)
-    single = namespace["fit"](1)
+    ranks, single = two_ranks_and_one_process(tmp_path, SCRIPT, "sharded_script")
     again = single.pop("cnn_again")["state"]
     for rank in ranks:
         for key, tensor in again.items():
