@@ -18,6 +18,7 @@ from lightning_prune.checkpoint import load_pruned
 from lightning_prune.checkpoint.files import read_checkpoint
 from lightning_prune.errors import PruningConfigError
 from lightning_prune.fusion.hf_config import LAYERS_KEY, is_pretrained
+from lightning_prune.masks import has_masks_anywhere
 
 
 def save_pretrained(model: nn.Module, path: str | os.PathLike, **kwargs: Any) -> nn.Module:
@@ -25,13 +26,20 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, **kwargs: Any) ->
     a child of a LightningModule); returns that model.
 
     Raises:
-        PruningConfigError: ``model`` holds no Hugging Face model, or more than one outside each other.
+        PruningConfigError: ``model`` holds no Hugging Face model, or more than one outside each other, or it still
+            carries pruning masks (transformers would store the masked weights under names no model has, and a
+            ``from_pretrained`` of them would re-initialise those layers).
     """
     found = [m for m in model.modules() if is_pretrained(m)]
     outer = [m for m in found if not any(m is not o and any(c is m for c in o.modules()) for o in found)]
     if len(outer) != 1:
         raise PruningConfigError(f"save_pretrained needs exactly one Hugging Face model in {type(model).__name__}, "
                                  f"found {len(outer)}")
+    if has_masks_anywhere(outer[0]):
+        raise PruningConfigError(
+            f"save_pretrained: the {type(outer[0]).__name__} still carries pruning masks, and a from_pretrained of "
+            "what transformers would write re-initialises every masked layer; prune it first (pruner.prune(), or "
+            "StructuredPruning's fusion at the end of fit with prune_on_fit_end=True)")
     outer[0].save_pretrained(path, **kwargs)
     return outer[0]
 

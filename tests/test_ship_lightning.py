@@ -5,6 +5,7 @@ plain ``from_pretrained`` loads (or that ``load_pruned`` reads back, one file or
 from __future__ import annotations
 
 import lightning.pytorch as pl
+import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
@@ -68,3 +69,18 @@ def test_checkpoints_of_a_pruned_llama_reload_and_save_pretrained_ships_it(tmp_p
         fresh = lp.load_pruned(LlamaForCausalLM(LlamaConfig(**CONFIG)), path)
         with torch.no_grad():
             assert_outputs_match(expected, fresh.eval()(x).logits)
+
+
+def test_save_pretrained_refuses_a_model_that_still_carries_masks(tmp_path):
+    """transformers would write the masked weights under parametrization names, and from_pretrained would silently
+    re-initialise those layers: the one-liner refuses before writing anything."""
+    module = LitLM()
+    pruner = lp.SaliencyPruner(sparsity_level=0.5)
+    pruner.prepare(module, None, example_inputs=(module.example_input_array,), exclude_output=True)
+    pruner.step()
+    with pytest.raises(lp.PruningConfigError, match="still carries pruning masks.*prune it first"):
+        lp.save_pretrained(module, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+    pruner.prune()
+    lp.save_pretrained(module, tmp_path / "hf")
+    assert (tmp_path / "hf" / "model.safetensors").is_file()
