@@ -26,6 +26,8 @@ def resize_to(model: nn.Module, state_dict: Mapping[str, torch.Tensor], prefix: 
     for name, module in model.named_modules():
         base = f"{prefix}{name}." if name else prefix
         resized = False
+        rule = rule_for(module)
+        before = rule.widths(module) if rule is not None else None
         for kind in ("_parameters", "_buffers"):
             for tensor_name, tensor in list(getattr(module, kind).items()):
                 incoming = state_dict.get(base + tensor_name)
@@ -41,9 +43,8 @@ def resize_to(model: nn.Module, state_dict: Mapping[str, torch.Tensor], prefix: 
                 getattr(module, kind)[tensor_name] = nn.Parameter(fresh) if kind == "_parameters" else fresh
                 resized = True
         if resized:
-            rule = rule_for(module)
             if rule is not None:
-                rule.sync(module)
+                rule.resized(module, before)
             changed.append(name)
     synced = registry.sync_containers(model, [model.get_submodule(name) for name in changed])  # head counts
     return changed + [name for name, module in model.named_modules() if module in synced and name not in changed]

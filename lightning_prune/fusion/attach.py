@@ -52,6 +52,11 @@ def attach_masks(plan: PruningPlan, prune_bias: dict[str, bool]
                            _compact(classes, order), order.numel())
         device = getattr(silence.module, silence.tensor_name).device
         attach_channel_mask(silence.module, silence.tensor_name, mask.to(device))
+    for module in dict.fromkeys(m for m, _name in ((s.module, s.tensor_name) for s in plan.walk.silences)
+                                if (id(m), _name) in done):
+        rule = registry.rule_for(module)
+        if rule is not None:
+            rule.on_masked(module)  # a LayerNorm over the stream takes its statistics over the kept channels
     for container, rule in registry.containers_holding(plan.model, [m.module for m in plan.members]):
         rule.on_masked(container)
     return masks, param_orders

@@ -17,6 +17,7 @@ from lightning_prune.fusion.rules import (  # noqa: E402, F401, I001
     layers,
     lstm,
     mha,
+    norms,
     reduce,
     registry,
     shapes,

@@ -77,6 +77,16 @@ class Rule:
     def sync(self, module: nn.Module) -> None:
         """Set the module's size attributes from its (already narrowed) tensors."""
 
+    def resized(self, module: nn.Module, before: tuple[int, int] | None) -> None:
+        """``load_pruned`` gave the module's tensors a checkpoint's shapes; ``before`` is what :meth:`widths` said
+        until then. Sets the size attributes (:meth:`sync`), and whatever else depends on the width it had."""
+        self.sync(module)
+
+    def on_masked(self, module: nn.Module) -> None:
+        """Called once masks are attached to (or inside) ``module``: make the masked model compute what the pruned
+        one will (a LayerNorm's statistics over the kept channels), or switch off what it cannot (a fused path
+        that only runs at full width)."""
+
     # -- fusion hooks for what the walk recorded with ``v.action(data)`` (``ctx``: apply's FuseContext) --------
     def adjust_kept(self, module: nn.Module, data: Any, ctx: Any) -> str | None:
         """Change which classes stay before anything is narrowed (``ctx.kept``, by class root); returns a note."""
@@ -322,7 +332,3 @@ class ContainerRule(Rule):
 
     def visit(self, v: Visit) -> None:  # pragma: no cover - the front ends never make a node for it
         raise RuntimeError(f"{type(self).__name__} is a container rule; its module is traced through")
-
-    def on_masked(self, module: nn.Module) -> None:
-        """Called once masks are attached inside ``module``: switch off what the masked model must not do because
-        the pruned one cannot (a fused path that only runs at full width)."""

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from lightning_prune.fusion.rules.base import BlockingRule, ChannelwiseRule, input_layout, tie_axis
-from lightning_prune.fusion.rules.registry import aten, register_by_name, register_functions, register_layer
+from lightning_prune.fusion.rules.registry import aten, register_functions, register_layer
 
 
 class BatchNormRule(ChannelwiseRule):
@@ -191,13 +191,8 @@ register_layer(nn.modules.batchnorm._BatchNorm, BatchNormRule())
 register_layer(nn.modules.instancenorm._InstanceNorm, BatchNormRule())
 register_layer(nn.GroupNorm, GroupNormRule())
 register_layer(nn.PReLU, PReLURule())
-_NORM = NormOverLastRule()
-register_layer(nn.LayerNorm, _NORM)
-register_layer(nn.RMSNorm, _NORM)
-register_functions([F.layer_norm, aten("layer_norm"), getattr(F, "rms_norm", None), aten("rms_norm")], _NORM)
-for _name in ("llama.modeling_llama.LlamaRMSNorm", "mistral.modeling_mistral.MistralRMSNorm",
-              "qwen2.modeling_qwen2.Qwen2RMSNorm", "t5.modeling_t5.T5LayerNorm", "gemma.modeling_gemma.GemmaRMSNorm"):
-    register_by_name(f"transformers.models.{_name}", NormOverLastRule(normalized_dims=1))
+register_functions([F.layer_norm, aten("layer_norm"), getattr(F, "rms_norm", None), aten("rms_norm")],
+                   NormOverLastRule())  # the modules' rules (the stream's norms) are in norms.py
 register_layer(nn.LocalResponseNorm, BlockingRule("normalises across neighbouring channels"))
 register_layer(nn.Softmax2d, BlockingRule("takes a softmax over the channels"))
 register_layer(nn.PixelShuffle, BlockingRule("moves channels into space (the channel count is fixed by its "

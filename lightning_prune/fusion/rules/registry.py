@@ -27,6 +27,8 @@ class Registry:
         self.modules: dict[type, Rule] = {}
         self.functions: dict[Any, Rule] = {}
         self.names: dict[str, Rule] = {}  # "package.module.Name" of classes/functions not imported here
+        #: (predicate on a module, rule) for families of classes no name lists (transformers' ``*RMSNorm``)
+        self.predicates: list[tuple[Callable[[nn.Module], bool], Rule]] = []
 
     def module_rule(self, module: nn.Module) -> Rule | None:
         """The rule for the module's type or its nearest registered base class (scopes first): what its size
@@ -54,6 +56,12 @@ class Registry:
                 if rule is not None:
                     return cls, rule
                 registry = registry.parent
+        registry = self
+        while registry is not None and not isinstance(module, type):
+            for predicate, rule in registry.predicates:
+                if predicate(module):
+                    return type(module), rule
+            registry = registry.parent
         return None
 
     def function_rule(self, target: Any) -> Rule | None:
@@ -193,6 +201,12 @@ def register_by_name(qualified_name: str, rule: Rule) -> None:
     """Register a rule for a class or function by its ``module.QualName`` without importing its package (for
     optional libraries such as torchvision, timm or transformers)."""
     active().names[qualified_name] = rule
+
+
+def register_predicate(predicate: Callable[[nn.Module], bool], rule: Rule) -> None:
+    """Register ``rule`` for every module ``predicate(module)`` accepts whose class (and bases) have no rule of their
+    own: a family of classes recognised by their form rather than listed (transformers' ``*RMSNorm`` classes)."""
+    active().predicates.append((predicate, rule))
 
 
 @contextlib.contextmanager
