@@ -49,7 +49,7 @@ def attach_masks(plan: PruningPlan, prune_bias: dict[str, bool]
         done.add(key)
         mask = ChannelMask([masks[m.tensor_fqn] for m in sources],
                            [_compact(member_classes[m.tensor_fqn], order) for m in sources],
-                           _compact(classes, order), order.numel())
+                           _compact(classes, order), order.numel(), silence.dim)
         device = getattr(silence.module, silence.tensor_name).device
         attach_channel_mask(silence.module, silence.tensor_name, mask.to(device))
     for module in dict.fromkeys(m for m, _name in ((s.module, s.tensor_name) for s in plan.walk.silences)

@@ -63,6 +63,7 @@ class Silence:
     tensor_name: str
     labels: torch.Tensor
     always: bool = False  # masked whatever ``prune_bias`` says (an LSTM's gate biases keep pruned units at zero)
+    dim: int = 0  # the tensor's channel dim (2 for a ViT's class token and position embeddings, (1, T, C))
 
 
 @dataclass

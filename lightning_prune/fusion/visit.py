@@ -232,11 +232,12 @@ class Visit:
                                                  existing, self.rule, follows)
         return existing
 
-    def silence(self, module: nn.Module, tensor_name: str, labels: torch.Tensor, always: bool = False) -> None:
-        """With ``prune_bias`` (or ``always``), ``module.<tensor_name>`` (per channel, dim 0) is masked with the
+    def silence(self, module: nn.Module, tensor_name: str, labels: torch.Tensor, always: bool = False,
+                dim: int = 0) -> None:
+        """With ``prune_bias`` (or ``always``), ``module.<tensor_name>`` (per channel along ``dim``) is masked with the
         channels in ``labels``."""
         if self.tensor(tensor_name, module) is not None:
-            self.state.silences.append(Silence(module, tensor_name, labels.reshape(-1), always))
+            self.state.silences.append(Silence(module, tensor_name, labels.reshape(-1), always, dim))
 
     def leave_note(self, node: fx.Node, data: Any) -> None:
         """Leave ``data`` for the rule of a later ``node`` (read there with :meth:`note`)."""

@@ -242,5 +242,5 @@ def masked_tensors(pruner: ScoringPruner) -> list[tuple[torch.Tensor, int, torch
     for silence in plan.walk.silences:
         plist = getattr(getattr(silence.module, "parametrizations", None), silence.tensor_name, None)
         if plist is not None and any(isinstance(p, ChannelMask) for p in plist):
-            found.setdefault(id(plist.original), (plist.original, 0, silence.labels))
+            found.setdefault(id(plist.original), (plist.original, silence.dim, silence.labels))
     return list(found.values())

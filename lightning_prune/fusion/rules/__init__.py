@@ -11,6 +11,7 @@ from lightning_prune.fusion.rules import (  # noqa: E402, F401, I001
     combine,
     conv,
     elementwise,
+    embedding,
     functional_norms,
     hf,
     indexing,

@@ -88,9 +88,9 @@ class CombineRule(Rule):
             return
         v.bind(tensor, along[0], flow.labels.reshape(-1))
         holder = v.holder(tensor)  # none: a constant made in forward (frozen, so refused)
-        if self.additive and along[0] == 0 and holder:  # per channel along dim 0 (a bias of shape (C,), (C, 1, 1))
+        if self.additive and holder:  # per channel (a bias (C,) or (C, 1, 1); position embeddings (1, T, C))
             owner, _fqn, name = holder
-            v.silence(owner, name, flow.labels.reshape(-1))
+            v.silence(owner, name, flow.labels.reshape(-1), dim=along[0])
         v.set(out)
 
     def _both(self, v, la: Layout, lb: Layout) -> None:
@@ -121,7 +121,9 @@ class CombineRule(Rule):
                 continue
             ref = v.value(operand) if isinstance(operand, torch.fx.Node) else None
             if isinstance(ref, TensorRef):
-                value, varies = _per_position(v, ref.tensor.detach().to(torch.float64).cpu())
+                holder = v.holder(ref.tensor)  # read through its mask, if a silence put one on it
+                tensor = getattr(holder[0], holder[2]) if holder else ref.tensor
+                value, varies = _per_position(v, tensor.detach().to(torch.float64).cpu())
                 values.append(value)
                 dependent = dependent or varies
             elif isinstance(operand, torch.fx.Node):  # a run-time tensor broadcast over the channels

@@ -242,9 +242,14 @@ class CatRule(Rule):
             return
         channel_axes = known.pop()
         parts = []
-        for shape, f in zip(shapes, flows, strict=True):
+        nodes = v.arg(0, "tensors")
+        nodes = list(nodes) if isinstance(nodes, (list, tuple)) else [None] * len(flows)
+        for node, shape, f in zip(nodes, shapes, flows, strict=True):
             if f is not None:
                 parts.append(f.labels)
+                continue
+            if dim not in channel_axes and parameter_part(v, node, channel_axes, first.labels):
+                parts.append(first.labels)
                 continue
             if shape is None:
                 self._fail(v, tracked, "with tensors of unknown shape; pass example_inputs")
@@ -270,6 +275,37 @@ class CatRule(Rule):
     def _fail(self, v, tracked, why: str) -> None:
         for flow in tracked:
             v.block(flow, f"{v.where} concatenates the pruned channels {why}")
+
+    def const(self, v, *inputs):
+        """Along another dim, a parameter part (silenced) emits zeros where the channels' part may emit a constant:
+        such a channel stays."""
+        dim, flows = v.arg(1, "dim", 0), sequence(v, v.arg(0, "tensors"))[0]
+        if len(inputs) == 1 and len(flows) > 1 and isinstance(dim, int):
+            out = v.layout(v.node)
+            if out is not None and dim % out.ndim not in out.axes:
+                return inputs[0], inputs[0] != 0
+        return None
+
+
+def parameter_part(v, node, channel_axes: tuple[int, ...], labels: torch.Tensor) -> bool:
+    """Whether ``node`` is a module's parameter (maybe expanded over the batch: a ViT's class token) holding one
+    value per channel along the channel axis: it is then narrowed with the channels and silenced with them (always:
+    it must read zero on a removed channel, whatever sits beside it)."""
+    while isinstance(node, fx.Node) and getattr(node.target, "overloadpacket", node.target) in (
+            torch.ops.aten.expand, "expand"):
+        node = node.args[0]
+    ref = v.value(node)
+    tensor = getattr(ref, "tensor", None)
+    holders = v.state.holders.get(id(tensor)) if isinstance(tensor, torch.Tensor) else None
+    if not holders or len(channel_axes) != 1 or tensor.dim() != (v.ndim() or 0):
+        return False
+    axis = channel_axes[0]
+    if tensor.shape[axis] != labels.numel():
+        return False
+    v.bind(tensor, axis, labels.reshape(-1))
+    owner, _fqn, name = holders[0]
+    v.silence(owner, name, labels.reshape(-1), always=True, dim=axis)
+    return True
 
 
 class StackRule(Rule):

@@ -149,6 +149,11 @@ class ExpandRule(Rule):
 
     def visit(self, v) -> None:
         flow = input_layout(v)
+        ref = v.value(v.arg(0))
+        if flow is None and isinstance(getattr(ref, "tensor", None), torch.Tensor):
+            v.set(ref)  # a parameter broadcast over the batch (a class token): read as if unexpanded
+            v.bound_ids.add(id(ref.tensor))
+            return
         if flow is None:
             return
         old, new = v.ndim(v.arg(0)), v.ndim()
