@@ -1,12 +1,14 @@
-"""Prune attention heads and MLP widths of a Hugging Face Llama (grouped-query attention) exactly, without Lightning.
+"""Prune attention heads, MLP widths and the hidden size of a Hugging Face Llama (grouped-query attention) exactly,
+without Lightning.
 
 Run: python examples/transformer_heads.py   (a few seconds on 2 CPU cores; needs transformers)
 
 A tiny LlamaForCausalLM is built from a config (nothing is downloaded): 4 query heads share 2 key/value heads, the
 MLP is SwiGLU. torch.fx cannot trace transformers, so the example inputs let the analysis read it through
-torch.export. The plan shows the channel groups (a key/value head is a group-of-k with its query heads); half of them
-go, the pruned model computes what the masked one did, its config says the new head counts and widths, and the
-pruned state dict reloads into a fresh dense model.
+torch.export. The plan shows the channel groups (a key/value head is a group-of-k with its query heads; the residual
+stream is one group from the embedding to the LM head, its RMSNorms rescaled at fusion); half of them go, the pruned
+model computes what the masked one did, its config says the new head counts and widths (the hidden size key keeps
+the dense width), and the pruned state dict reloads into a fresh dense model.
 """
 
 import torch
@@ -40,6 +42,7 @@ def main() -> None:
     print(f"params {dense_params:,} -> {sum(p.numel() for p in model.parameters()):,}; "
           f"query heads per layer {dense_heads} -> {attention.q_proj.out_features // 16} "
           f"(config: {model.config.num_attention_heads}), "
+          f"hidden size {model.config.hidden_size} -> {model.model.embed_tokens.embedding_dim}, "
           f"max |masked - pruned| {(masked - pruned).abs().max().item():.2e}")
 
     reloaded = lp.load_pruned(build(), model.state_dict())  # a fresh dense model narrowed to the saved shapes

@@ -189,7 +189,7 @@ class MaskedStatistics:
 
     def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
         keep = _kept_channels(module)
-        if keep is None or bool(keep.all()):
+        if keep is None:
             return None
         return _masked_layer_norm(module, args[0], keep, self.dim).to(output.dtype)
 
