@@ -33,6 +33,7 @@ from lightning_prune.fusion.rules.base import (
     Rule,
     RuleKind,
 )
+from lightning_prune.fusion.rules.norms import LayerNormRule, RMSNormRule
 from lightning_prune.fusion.rules.registry import (
     layer_widths,
     register_by_name,
@@ -43,6 +44,7 @@ from lightning_prune.fusion.rules.registry import (
 )
 
 __all__ = [
-    "BlockingRule", "ChannelwiseRule", "ContainerRule", "ElementwiseRule", "LayerRule", "Rule", "RuleKind",
+    "BlockingRule", "ChannelwiseRule", "ContainerRule", "ElementwiseRule", "LayerNormRule", "LayerRule", "RMSNormRule",
+    "Rule", "RuleKind",
     "layer_widths", "register_by_name", "register_function", "register_layer", "registry", "rule_for", "rules_scope",
 ]
