@@ -84,16 +84,18 @@ def _out(model, inputs):
         return model(*inputs).logits
 
 
-def _embedding(model) -> nn.Module:
-    return model.get_input_embeddings()
+def _hidden(model) -> int:
+    """The stream's width, read from the embedding (a ViT's patch projection)."""
+    embedding = model.get_input_embeddings()
+    return embedding.embedding_dim if isinstance(embedding, nn.Embedding) else embedding.projection.out_channels
 
 
 @pytest.mark.parametrize("name", list(BUILDS))
 def test_the_stream_is_one_group_pruned_exactly_and_reloaded(name):
     model, inputs = _build(name)
-    hidden = _embedding(model).embedding_dim
+    hidden = _hidden(model)
     plan = lp.explain(model, example_inputs=inputs).to_dict()
-    stream = [g for g in plan["groups"] if _embedding(model) is not None and any(
+    stream = [g for g in plan["groups"] if any(
         p.endswith(("embed_tokens.weight", "word_embeddings.weight", "wte.weight", "projection.weight"))
         for p in g["producers"])]
     assert len(stream) == 1 and stream[0]["removable"] == hidden, stream  # one group, wholly removable
@@ -107,7 +109,7 @@ def test_the_stream_is_one_group_pruned_exactly_and_reloaded(name):
     assert pruner.prune() is model
     pruned = _out(model, inputs)
     assert_outputs_match(masked, pruned)
-    assert _embedding(model).embedding_dim <= 0.55 * hidden
+    assert _hidden(model) <= 0.55 * hidden
     assert lp.measure.count_macs(model, inputs) <= 0.30 * dense_macs
     if name == "gpt2-tied":
         assert model.lm_head.weight is model.transformer.wte.weight  # the tie survives, narrowed once
@@ -196,16 +198,19 @@ def test_a_masked_layernorm_takes_its_statistics_over_the_kept_channels_while_tr
     assert 0 < keep.sum() < 16
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     seen = []
-    model.norm.register_forward_hook(lambda m, a, out: seen.append((a[0].detach(), out.detach())))
+    spy = model.norm.register_forward_hook(lambda m, a, out: seen.append(
+        (a[0].detach(), out.detach(), m.weight.detach().clone(), m.bias.detach().clone())))
     for _ in range(2):  # training steps: the statistics stay over the kept channels, masked channels at zero
         model.train()
         optimizer.zero_grad()
         model(x).pow(2).mean().backward()
         optimizer.step()
-        h, out = seen[-1]
+        h, out, weight, bias = seen[-1]
         assert torch.equal(out[:, ~keep], torch.zeros_like(out[:, ~keep]))
-        expected = F.layer_norm(h[:, keep], (int(keep.sum()),), model.norm.weight[keep], model.norm.bias[keep])
+        assert torch.equal(h[:, ~keep], torch.zeros_like(h[:, ~keep]))
+        expected = F.layer_norm(h[:, keep], (int(keep.sum()),), weight[keep], bias[keep])
         assert_outputs_match(expected, out[:, keep], rtol=1e-6)
+    spy.remove()
     assert set(model.norm.state_dict()) == {"parametrizations.weight.original", "parametrizations.bias.original"}
 
     twin = NormedMLP()  # masks are state: a state_dict restores them, and with them the statistics
