@@ -188,17 +188,23 @@ def test_transformer_mlp_hidden_width_is_pruned_exactly() -> None:
         assert block.fc2.out_features == block.norm.normalized_shape[0] == 16
 
 
-@pytest.mark.parametrize(
-    "fqns",
-    [("blocks.1.fc2.weight",), ("embed.weight",), ("embed.weight", *(f"blocks.{i}.fc2.weight" for i in range(3)))],
-    ids=["one_fc2", "embed", "whole_stream"],
-)
-def test_transformer_mlp_residual_stream_is_blocked_by_layernorm(fqns: tuple[str, ...]) -> None:
-    """LayerNorm's statistics span the residual stream: the error names it, whichever producers are configured."""
+@pytest.mark.parametrize("fqns", [("blocks.1.fc2.weight",), ("embed.weight",)], ids=["one_fc2", "embed"])
+def test_transformer_mlp_residual_stream_needs_all_its_producers(fqns: tuple[str, ...]) -> None:
+    """The residual adds tie every producer of the stream: configuring some of them is refused, naming the rest."""
     model = archs.TransformerMLP(dim=16, hidden=64)
-    with pytest.raises(lp.UnsupportedPatternError, match=r"cannot prune '[\w.]+'.*LayerNorm.*statistics"):
+    with pytest.raises(lp.UnsupportedPatternError, match=r"cannot prune '[\w.]+'.*tied to those of .*not configured"):
         lp.SaliencyPruner().prepare(model, config_for(*fqns))
     assert not any(parametrize.is_parametrized(m) for m in model.modules()), "a refused prepare() changes nothing"
+
+
+@pytest.mark.parametrize("prune_bias", [True, False], ids=["prune_bias", "keep_bias"])
+def test_transformer_mlp_residual_stream_through_layernorms_is_pruned_exactly(prune_bias: bool) -> None:
+    """The stream's LayerNorms take masked statistics while masked, so removing the stream is exact (also with
+    biases kept: a removed channel's constant is outside every norm's statistics and folds into the next layer)."""
+    model = archs.TransformerMLP(dim=16, hidden=64)
+    prune_exactly(model, config_for("embed.weight", *(f"blocks.{i}.fc2.weight" for i in range(3))), prune_bias)
+    assert model.embed.out_features == model.head.in_features == model.norm.normalized_shape[0] == 8
+    assert all(block.norm.weight.numel() == block.fc1.in_features == 8 for block in model.blocks)
 
 
 @pytest.mark.parametrize("prune_bias", [True, False], ids=["prune_bias", "keep_bias"])

@@ -73,13 +73,23 @@ def test_a_prepared_model_plan_counts_the_masked_layers_macs() -> None:
     assert pruner.plan.to_dict()["macs"] == {"dense": 153_518_080, "pruned": 39_010_304, "batch": 256}
 
 
+class NormOverTwoDims(nn.Module):
+    """A LayerNorm over (channels, length): its statistics span more than the channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.norm, self.head = nn.Conv1d(4, 8, 3), nn.LayerNorm([8, 6]), nn.Linear(48, 2)
+
+    def forward(self, x):
+        return self.head(self.norm(self.conv(x)).flatten(1))
+
+
 def test_explain_names_the_blocker_and_its_source_line_instead_of_raising() -> None:
-    model = archs.TransformerMLP(dim=16, hidden=32)
-    plan = lp.explain(model, [{"tensor_fqn": "embed.weight"}, {"tensor_fqn": "blocks.0.fc1.weight"}])
+    plan = lp.explain(NormOverTwoDims(), [{"tensor_fqn": "conv.weight"}])
     data = plan.to_dict()
-    assert "LayerNorm" in data["left_out"]["embed.weight"] and "models.py:" in data["left_out"]["embed.weight"]
-    stream = next(g for g in data["groups"] if "embed.weight" in g["producers"])
-    assert stream["removable"] == 0 and any("normalises over the pruned channels" in r for r in stream["blocked_by"])
+    assert "LayerNorm" in data["left_out"]["conv.weight"] and "test_plan.py:" in data["left_out"]["conv.weight"]
+    group = next(g for g in data["groups"] if "conv.weight" in g["producers"])
+    assert group["removable"] == 0 and any("normalises over the pruned channels" in r for r in group["blocked_by"])
     assert data["macs"] is None  # no example inputs, no MACs
     assert "MACs   n/a" in plan.table()
 
