@@ -155,7 +155,10 @@ class ConvNeXt(nn.Module):
         return self.head(self.norm(self.blocks(self.stem(x)).mean((2, 3))))
 
 
-def test_a_convnext_stream_through_layernorm2d_and_channels_last_layernorms_is_pruned_exactly():
+@pytest.mark.parametrize("prune_bias", [True, False], ids=["prune_bias", "keep_bias"])
+def test_a_convnext_stream_through_layernorm2d_and_channels_last_layernorms_is_pruned_exactly(prune_bias):
+    """With ``prune_bias=False`` too: a LayerNorm's stream masks its producers' biases anyway (a removed channel's
+    bias would meet the depthwise conv's zero padding and have to stay, inside statistics that left it out)."""
     torch.manual_seed(0)
     model, x = ConvNeXt().eval(), torch.randn(2, 3, 16, 16)
     with torch.no_grad():
@@ -164,7 +167,7 @@ def test_a_convnext_stream_through_layernorm2d_and_channels_last_layernorms_is_p
                 module.weight.uniform_(0.5, 1.5)
                 module.bias.uniform_(-0.5, 0.5)
     rules = {LayerNorm2d: lp.LayerNormRule(channel_dim=1)}  # a LayerNorm2d of your own, as timm's is registered
-    pruner = lp.SaliencyPruner(sparsity_level=0.5, rules=rules)
+    pruner = lp.SaliencyPruner(sparsity_level=0.5, rules=rules, prune_bias=prune_bias)
     pruner.prepare(model, None, example_inputs=(x,), exclude_output=True)
     pruner.step()
     with torch.no_grad():

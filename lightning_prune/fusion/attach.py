@@ -35,6 +35,11 @@ def attach_masks(plan: PruningPlan, prune_bias: dict[str, bool]
     pair_member = torch.cat([torch.full_like(c, k) for c, k in pairs]) if pairs else pair_class
     marked = torch.zeros(plan.groups.size, dtype=torch.bool)  # the classes of the silence at hand
     done = {(id(m.module), m.tensor_name) for m in plan.members}
+    spanned = torch.zeros(plan.groups.size + 1, dtype=torch.bool)  # classes a LayerNorm's masked statistics span
+    for silence in plan.walk.silences:
+        if silence.statistics:
+            spanned[plan.classes(silence.labels)] = True  # (-1, no class, lands on the spare last entry)
+    spanned[-1] = False
     for silence in plan.walk.silences:
         key = (id(silence.module), silence.tensor_name)
         if key in done:
@@ -44,7 +49,10 @@ def attach_masks(plan: PruningPlan, prune_bias: dict[str, bool]
         marked[order] = True
         sources = [plan.members[k] for k in pair_member[marked[pair_class]].unique().tolist()]
         marked[order] = False
-        if not sources or not (silence.always or all(prune_bias[m.tensor_fqn] for m in sources)):
+        # under a LayerNorm's masked statistics a removed channel is silent whatever prune_bias says: a constant
+        # it emitted could meet zero padding elsewhere and be kept, which the statistics already left out
+        always = silence.always or bool(spanned[order].any())
+        if not sources or not (always or all(prune_bias[m.tensor_fqn] for m in sources)):
             continue
         done.add(key)
         mask = ChannelMask([masks[m.tensor_fqn] for m in sources],

@@ -64,6 +64,8 @@ class Silence:
     labels: torch.Tensor
     always: bool = False  # masked whatever ``prune_bias`` says (an LSTM's gate biases keep pruned units at zero)
     dim: int = 0  # the tensor's channel dim (2 for a ViT's class token and position embeddings, (1, T, C))
+    #: a norm taking masked statistics over these channels: every tensor silenced with them is masked too (always)
+    statistics: bool = False
 
 
 @dataclass

@@ -233,11 +233,12 @@ class Visit:
         return existing
 
     def silence(self, module: nn.Module, tensor_name: str, labels: torch.Tensor, always: bool = False,
-                dim: int = 0) -> None:
+                dim: int = 0, statistics: bool = False) -> None:
         """With ``prune_bias`` (or ``always``), ``module.<tensor_name>`` (per channel along ``dim``) is masked with the
-        channels in ``labels``."""
+        channels in ``labels``; ``statistics``: a norm's masked statistics span them, so every tensor silenced with
+        any of these channels is masked whatever ``prune_bias`` says."""
         if self.tensor(tensor_name, module) is not None:
-            self.state.silences.append(Silence(module, tensor_name, labels.reshape(-1), always, dim))
+            self.state.silences.append(Silence(module, tensor_name, labels.reshape(-1), always, dim, statistics))
 
     def leave_note(self, node: fx.Node, data: Any) -> None:
         """Leave ``data`` for the rule of a later ``node`` (read there with :meth:`note`)."""

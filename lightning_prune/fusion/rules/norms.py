@@ -22,6 +22,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
+from lightning_prune.errors import UnsupportedPatternError
 from lightning_prune.fusion.rules.base import input_layout
 from lightning_prune.fusion.rules.channelwise import NormOverLastRule
 from lightning_prune.fusion.rules.registry import register_by_name, register_layer, register_predicate
@@ -151,7 +152,7 @@ class LayerNormRule(StreamNormRule):
 
     def record(self, v, labels: torch.Tensor) -> None:
         for name in self.channel_tensors(v.module):
-            v.silence(v.module, name, labels, always=True)  # the weight's mask tells the hook the kept channels
+            v.silence(v.module, name, labels, always=True, statistics=True)  # its mask tells the hook what stays
 
     def const_map(self, module, values):
         return torch.zeros_like(values), False  # a removed channel is outside the statistics and silenced
@@ -167,9 +168,11 @@ class LayerNormRule(StreamNormRule):
         masked = ctx.store.get(id(module))
         kept = ctx.kept_positions(labels)
         if masked is not None and not torch.equal(masked.nonzero().flatten().cpu(), kept.cpu()):
-            raise RuntimeError(f"LayerNorm '{ctx.name(module)}' computed its statistics over {int(masked.sum())} "
-                               f"channels while masked, but fusion keeps {kept.numel()} (a channel kept for "
-                               "another reason); the narrowed norm would differ")
+            raise UnsupportedPatternError(
+                f"LayerNorm '{ctx.name(module)}' took its statistics over {int(masked.sum())} channels while masked, "
+                f"but fusion keeps {kept.numel()} of them (a masked channel kept for another reason: blocked, or a "
+                "constant it emits meets zero padding), so the narrowed norm would differ; the model is unchanged. "
+                "Mask only removable channels of this stream (plan.channel_groups()), or use prune_bias=True")
         self.sync(module)
         module._forward_hooks = OrderedDict((k, h) for k, h in module._forward_hooks.items()
                                             if not isinstance(h, MaskedStatistics))
