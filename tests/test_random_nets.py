@@ -1,9 +1,9 @@
 """Random networks from a grammar (issue 11): every net is pruned exactly or refused with the model unchanged.
 
 The grammar mixes what breaks naive fusion: modules called twice, weights tied between layers, concatenated and
-added branches, norms without parameters, a leaf module hiding its own weights, and unbatched inputs. Configs and
-masks are random; ``prune_bias`` too. No other outcome passes, and no exception other than the library's own
-configuration errors may escape ``prepare()``, ``step()`` or ``prune()``.
+added branches, norms without parameters or over the channels (LayerNorm, RMSNorm), a leaf module hiding its own
+weights, and unbatched inputs. Configs and masks are random; ``prune_bias`` too. No other outcome passes, and no
+exception other than the library's own configuration errors may escape ``prepare()``, ``step()`` or ``prune()``.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ class RandomNet(nn.Module):
                 instance_norm = nn.InstanceNorm1d if unbatched else nn.InstanceNorm2d
                 kinds = [batch_norm, lambda c, bn=batch_norm: bn(c, affine=False),
                          lambda c, inorm=instance_norm: inorm(c, affine=True),
-                         lambda c: nn.GroupNorm(1 if c % 2 else 2, c)]
+                         lambda c: nn.GroupNorm(1 if c % 2 else 2, c), nn.LayerNorm, nn.RMSNorm]  # channels last
                 self.layers.append(nn.ModuleList([kinds[choice % len(kinds)](width)]))
             elif op == "leaf":  # a GRU over the positions: a leaf to fx with weights fusion never sees into
                 self.layers.append(nn.ModuleList([nn.GRU(width, width)]))
@@ -63,6 +63,9 @@ class RandomNet(nn.Module):
         for (op, _size, choice), mods in zip(self.plan, self.layers, strict=True):
             if op == "conv":
                 x = mods[0](x)
+            elif op == "norm" and isinstance(mods[0], (nn.LayerNorm, nn.RMSNorm)):  # over the channels, moved last
+                dim = 0 if self.unbatched else 1
+                x = mods[0](x.movedim(dim, -1)).movedim(-1, dim)
             elif op == "norm":  # BatchNorm1d and GroupNorm need a batch dim; InstanceNorm1d takes (C, L) as it is
                 batch = self.unbatched and not isinstance(mods[0], nn.InstanceNorm1d)
                 x = mods[0](x.unsqueeze(0)).squeeze(0) if batch else mods[0](x)
