@@ -48,8 +48,8 @@ MODELS: dict[str, Callable[[], nn.Module]] = {
 TIMED_MODEL = "ResNet-50 (224)"
 #: why ours keeps more than Torch-Pruning on a model, or why Torch-Pruning has no result
 NOTES = {
-    "Transformer MLP": "the residual stream feeds LayerNorm, whose statistics span it; only the hidden width is "
-                       "pruned. Torch-Pruning narrows the LayerNorm too, which changes its output.",
+    "Transformer MLP": "both narrow the residual stream; Torch-Pruning's narrowed LayerNorms change the output, ours "
+                       "took their statistics over the kept channels while masked.",
     "ShuffleNetV2": "Torch-Pruning's pruning step fails on chunk + channel shuffle (IndexError), so it has no "
                     "result.",
     "CSP": "Torch-Pruning's pruning step fails on C2f's chunk and concatenation (IndexError), so it has no result.",
