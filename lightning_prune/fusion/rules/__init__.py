@@ -11,7 +11,6 @@ from lightning_prune.fusion.rules import (  # noqa: E402, F401, I001
     combine,
     conv,
     elementwise,
-    embedding,
     functional_norms,
     hf,
     indexing,
@@ -22,6 +21,7 @@ from lightning_prune.fusion.rules import (  # noqa: E402, F401, I001
     reduce,
     registry,
     shapes,
+    stream,
     timm_norms,
 )
 from lightning_prune.fusion.rules.base import (

@@ -17,6 +17,7 @@ from torch import fx
 from lightning_prune.fusion.layout import FIXED, Layout
 from lightning_prune.fusion.rules.base import Rule, RuleKind, tie_axis
 from lightning_prune.fusion.rules.registry import aten, register_functions
+from lightning_prune.fusion.rules.stream import parameter_part
 
 
 def pick(v, flow: Layout, axis_index: int, index, strict: bool = False) -> torch.Tensor | None:
@@ -286,26 +287,6 @@ class CatRule(Rule):
                 return inputs[0], inputs[0] != 0
         return None
 
-
-def parameter_part(v, node, channel_axes: tuple[int, ...], labels: torch.Tensor) -> bool:
-    """Whether ``node`` is a module's parameter (maybe expanded over the batch: a ViT's class token) holding one
-    value per channel along the channel axis: it is then narrowed with the channels and silenced with them (always:
-    it must read zero on a removed channel, whatever sits beside it)."""
-    while isinstance(node, fx.Node) and getattr(node.target, "overloadpacket", node.target) in (
-            torch.ops.aten.expand, "expand"):
-        node = node.args[0]
-    ref = v.value(node)
-    tensor = getattr(ref, "tensor", None)
-    holders = v.state.holders.get(id(tensor)) if isinstance(tensor, torch.Tensor) else None
-    if not holders or len(channel_axes) != 1 or tensor.dim() != (v.ndim() or 0):
-        return False
-    axis = channel_axes[0]
-    if tensor.shape[axis] != labels.numel():
-        return False
-    v.bind(tensor, axis, labels.reshape(-1))
-    owner, _fqn, name = holders[0]
-    v.silence(owner, name, labels.reshape(-1), always=True, dim=axis)
-    return True
 
 
 class StackRule(Rule):
