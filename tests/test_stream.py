@@ -100,6 +100,7 @@ def test_the_stream_is_one_group_pruned_exactly_and_reloaded(name):
         for p in g["producers"])]
     assert len(stream) == 1 and stream[0]["removable"] == hidden, stream  # one group, wholly removable
     assert len(stream[0]["producers"]) >= 5  # the embedding, every block's output and down projections
+    assert len(stream[0]["norms"]) == 5  # two per layer and the final norm: RMSNorms or LayerNorms
 
     pruner = lp.SaliencyPruner(sparsity_level=0.5)
     pruner.prepare(model, None, example_inputs=inputs, exclude_output=True)

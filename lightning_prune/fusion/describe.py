@@ -15,6 +15,7 @@ import torch
 
 from lightning_prune.fusion.alike import common_removals, signature
 from lightning_prune.fusion.cost import CostModel
+from lightning_prune.fusion.rules.norms import StreamNormRule
 
 
 def describe(plan, sparsity_level: float = 0.5) -> dict[str, Any]:
@@ -39,6 +40,7 @@ def describe(plan, sparsity_level: float = 0.5) -> dict[str, Any]:
             "producers": [p.tensor_fqn for p in group.producers],
             "configured": sorted(configured),
             "consumers": _consumers(plan, root, group.classes),
+            "norms": _norms(plan, root, group.classes),
             "granularity": group.granularity,
             "channels": int(group.classes.numel()),
             "removable": len(free) if group.members else 0,
@@ -111,6 +113,20 @@ def _consumers(plan, root: torch.Tensor, classes: torch.Tensor) -> list[str]:
         live = labels[labels >= 0]
         if live.numel() and torch.isin(root[live], classes).any():
             name = next((h[1] for hs in plan.walk.holders.values() for h in hs if h[0] is module), "?")
+            if name not in names:
+                names.append(name)
+    return names
+
+
+def _norms(plan, root: torch.Tensor, classes: torch.Tensor) -> list[str]:
+    """Norms whose statistics span the group's channels (a residual stream's RMSNorms and LayerNorms)."""
+    names = []
+    for module, rule, labels in plan.walk.actions:
+        if not isinstance(rule, StreamNormRule):
+            continue
+        live = labels[labels >= 0]
+        if live.numel() and torch.isin(root[live], classes).any():
+            name = next((fqn for fqn, m in plan.model.named_modules() if m is module), "?")
             if name not in names:
                 names.append(name)
     return names
