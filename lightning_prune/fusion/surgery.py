@@ -206,6 +206,14 @@ class Surgery:
             tensor.add_(delta.to(tensor.dtype))
         self._undo.append(lambda: tensor.copy_(saved))
 
+    def assign(self, tensor: torch.Tensor, value: torch.Tensor) -> None:
+        """``tensor`` takes ``value``'s entries in place (same shape; an RMSNorm's weight rescaled)."""
+        self._edit()
+        with torch.no_grad():
+            saved = tensor.detach().clone()
+            tensor.copy_(value)
+        self._undo.append(lambda: tensor.copy_(saved))
+
 
 def _swap(tensor: torch.Tensor, dim: int, a: torch.Tensor, b: torch.Tensor) -> None:
     """Exchange the entries ``a`` and ``b`` (disjoint, equally many) of ``tensor`` along ``dim``, in place."""

@@ -116,12 +116,11 @@ class RMSNormRule(StreamNormRule):
             module.normalized_shape = (kept,)
         weight = module.weight
         scaled = ((weight.detach().double() + self.offset) * math.sqrt(dense / kept) - self.offset).to(weight.dtype)
-        saved = weight.detach().clone()
+        if surgery is not None:
+            surgery.assign(weight, scaled)
+            return
         with torch.no_grad():
-            if surgery is None:
-                weight.copy_(scaled)
-            else:
-                surgery.call(lambda: weight.copy_(scaled), lambda: weight.copy_(saved))
+            weight.copy_(scaled)
 
     def resized(self, module: nn.Module, before: tuple[int, int] | None) -> None:
         """``load_pruned`` narrowed the weight of a dense-width module: take the narrowed norm's epsilon (the
