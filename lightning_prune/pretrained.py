@@ -1,8 +1,9 @@
 """Hugging Face round trips of a pruned model: ``save_pretrained`` output back into a model.
 
-A model pruned alike in every layer needs nothing from here: its config says what it is
+A model pruned alike in every layer, its hidden size kept, needs nothing from here: its config says what it is
 (:mod:`lightning_prune.fusion.hf_config`) and ``AutoModel*.from_pretrained(path)`` loads it. A model whose layers
-differ carries their sizes under ``config.lightning_prune_layers``; :func:`from_pretrained` loads the architecture the
+differ (or whose residual stream is narrower than ``hidden_size``) carries their sizes under
+``config.lightning_prune_layers``; :func:`from_pretrained` loads the architecture the
 standard keys describe and narrows it to the saved weights (:func:`~lightning_prune.load_pruned`).
 """
 
@@ -83,7 +84,10 @@ def from_pretrained(path: str | os.PathLike, model_class: Any = None, **kwargs: 
     if lost:
         raise PruningConfigError(f"{lost[:3]} are narrowed and stored in a converted form; lightning_prune."
                                  "from_pretrained rebuilds per-layer sizes of weights stored as the model names them")
-    load_pruned(model, {**model.state_dict(), **narrowed})
+    current = model.state_dict(keep_vars=True)
+    tied = {id(current[key]): tensor for key, tensor in narrowed.items() if key in current}
+    # a weight tied to a narrowed one (GPT-2's LM head, which save_pretrained leaves out) takes its narrowed value
+    load_pruned(model, {**{key: tied.get(id(tensor), tensor.detach()) for key, tensor in current.items()}, **narrowed})
     return model.eval()
 
 

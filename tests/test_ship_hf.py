@@ -8,7 +8,7 @@ import json
 import subprocess
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cache
 
 import pytest
@@ -78,6 +78,9 @@ class Family:
     image: bool = False
     #: model arguments the saved weights need (BERT saved without its pooler)
     kwargs: dict = field(default_factory=dict)
+    #: tensors left out of a prune: the residual stream's producers, so the hidden size stays (a pruned stream is
+    #: written per layer: test_a_pruned_stream_keeps_the_dense_hidden_size_and_loads_with_the_loader)
+    exclude: list[str] | None = None
 
     @property
     def generates(self) -> bool:
@@ -88,9 +91,11 @@ class Family:
         return torch.randn(2, 1, 8, 8) if self.image else torch.randint(1, VOCAB, (2, 8))
 
 
+#: a decoder's residual stream producers (Mixtral's stream stays anyway: its experts are not narrowed)
+STREAM = [r"model\.embed_tokens\.weight", r"lm_head\.weight", r".*\.(o_proj|down_proj)\.weight"]
 FAMILIES = {
-    "llama-gqa": Family(_llama, AutoModelForCausalLM),
-    "qwen2": Family(_qwen2, AutoModelForCausalLM),
+    "llama-gqa": Family(_llama, AutoModelForCausalLM, exclude=STREAM),
+    "qwen2": Family(_qwen2, AutoModelForCausalLM, exclude=STREAM),
     "mixtral-heads": Family(_mixtral, AutoModelForCausalLM),
     "vit": Family(_vit, AutoModel, image=True, kwargs={"add_pooling_layer": False}),
     # GPT-2 and BERT derive the head size from hidden_size // heads: their keys say a narrower MLP, not fewer heads
@@ -130,7 +135,8 @@ def _pruned(family: Family, include):
     model = family.build().eval()
     x = family.inputs()
     pruner = lp.SaliencyPruner(sparsity_level=0.5)
-    pruner.prepare(model, None, include=include, example_inputs=(x,), exclude_output=True)
+    pruner.prepare(model, None, include=include, exclude=family.exclude if include is None else None,
+                   example_inputs=(x,), exclude_output=True)
     pruner.step()
     masked = _output(model, x)
     pruner.prune()
@@ -208,6 +214,27 @@ def test_layers_that_differ_are_written_per_layer_and_rebuilt_by_the_loader(name
     assert_outputs_match(_output(model, x), _output(loaded, x), rtol=1e-6)
     if family.generates:
         assert torch.equal(_generate(model, x), _generate(loaded, x))
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "gpt2"])
+def test_a_pruned_stream_keeps_the_dense_hidden_size_and_loads_with_the_loader(name, tmp_path):
+    """The hidden size pruned too: no standard key says a narrower stream (GPT-2's head size and Gemma's embedding
+    scale read hidden_size), so the config keeps it, plain loading fails loudly and the loader rebuilds the model,
+    GPT-2's LM head still tied to its embedding."""
+    family = FAMILIES[name]
+    model, x = _pruned(replace(family, exclude=None, include=None), None)
+    dense = family.build().config
+    assert model.get_input_embeddings().weight.shape[1] == dense.hidden_size // 2
+    model.save_pretrained(tmp_path)
+    saved = _saved_config(tmp_path)
+    assert saved["n_embd" if name == "gpt2" else "hidden_size"] == dense.hidden_size and LAYERS_KEY in saved
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):  # loud, never a silent re-init
+        family.auto.from_pretrained(tmp_path)
+    loaded = lp.from_pretrained(tmp_path, family.auto)
+    assert_outputs_match(_output(model, x), _output(loaded, x), rtol=1e-6)
+    assert torch.equal(_generate(model, x), _generate(loaded, x))
+    if name == "gpt2":
+        assert loaded.lm_head.weight is loaded.transformer.wte.weight
 
 
 def test_the_loader_refuses_a_directory_without_a_config(tmp_path):

@@ -21,8 +21,10 @@ def strip_masks(model: nn.Module) -> None:
 def resize_to(model: nn.Module, state_dict: Mapping[str, torch.Tensor], prefix: str = "") -> list[str]:
     """Give ``model``'s parameters and buffers the shapes in a plain (unmasked) ``state_dict``; returns the changed
     modules. Layers keep their class; their size attributes (``in_features``, ``out_channels``, ``hidden_size``...)
-    follow the new tensors. A bias that fusion created (or removed) is created (or removed) too."""
+    follow the new tensors. A bias that fusion created (or removed) is created (or removed) too. A tensor that
+    several modules hold (an embedding tied to the LM head) is replaced by one new tensor, so the tie holds."""
     changed = []
+    replaced: dict[int, torch.Tensor] = {}  # id of a tensor resized -> its replacement
     for name, module in model.named_modules():
         base = f"{prefix}{name}." if name else prefix
         resized = False
@@ -38,9 +40,17 @@ def resize_to(model: nn.Module, state_dict: Mapping[str, torch.Tensor], prefix: 
                     continue
                 if tensor is not None and tensor.shape == incoming.shape:
                     continue
+                tied = replaced.get(id(tensor)) if tensor is not None else None
+                if tied is not None and tied.shape == incoming.shape:
+                    getattr(module, kind)[tensor_name] = tied
+                    resized = True
+                    continue
                 like = tensor if tensor is not None else next(iter(module.parameters()), incoming)
                 fresh = torch.empty(incoming.shape, dtype=like.dtype, device=like.device)
-                getattr(module, kind)[tensor_name] = nn.Parameter(fresh) if kind == "_parameters" else fresh
+                fresh = nn.Parameter(fresh) if kind == "_parameters" else fresh
+                getattr(module, kind)[tensor_name] = fresh
+                if tensor is not None:
+                    replaced[id(tensor)] = fresh
                 resized = True
         if resized:
             if rule is not None:

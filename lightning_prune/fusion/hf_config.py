@@ -12,13 +12,18 @@ reads every layer's sizes (query heads, key/value heads, head size, MLP width) a
   from. A plain ``from_pretrained`` then finds weights narrower than those keys say and transformers raises
   (``ignore_mismatched_sizes=False``, its default); ``lightning_prune.from_pretrained(path, cls)`` rebuilds the model.
 
-The hidden size and the layer count never change (the residual stream is normalised, so it is never pruned).
+The layer count never changes, and neither does ``hidden_size``, also when the residual stream is pruned (a narrower
+embedding): Gemma's embedding scale is ``sqrt`` of the dense hidden size, GPT-2's and BERT's head size derive from it,
+and a stream norm's epsilon was rescaled to the dense width (:mod:`.rules.norms`), so no standard key says a
+narrower stream. Such a model is written per layer as above, so a plain ``from_pretrained`` raises on the narrower
+embedding and ``lightning_prune.from_pretrained`` rebuilds it from the weights' shapes.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from lightning_prune.fusion.rules.hf import AttentionBlockRule, width
@@ -98,6 +103,20 @@ def sayable(config, spelling: Spelling, layers: list[dict[str, int]]) -> bool:
     return spelling.head_dim is not None or first[spelling.heads] * first["head_dim"] == config.hidden_size
 
 
+def stream_width(model: nn.Module) -> int | None:
+    """The residual stream's width now, read from the input embedding (a token embedding's columns, a patch
+    projection's output channels); None when the model has no such embedding."""
+    try:
+        embedding = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):  # a PreTrainedModel without an input embedding raises
+        return None
+    weight = getattr(embedding, "weight", None)
+    if isinstance(embedding, nn.Embedding) and isinstance(weight, torch.Tensor):
+        return int(weight.shape[1])
+    projection = getattr(embedding, "projection", None)  # ViT's patch embedding
+    return int(projection.weight.shape[0]) if isinstance(projection, nn.Conv2d) else None
+
+
 def follow_config(root: nn.Module) -> None:
     """Rewrite the config of every Hugging Face model in ``root`` (itself or a child, e.g. inside a
     LightningModule) to its layers' sizes, as the module docstring says. Models of other families, and configs
@@ -112,7 +131,8 @@ def follow_config(root: nn.Module) -> None:
         layers = layer_sizes(module, spelling) if spelling is not None else []
         if len(layers) != getattr(config, "num_hidden_layers", None):
             continue
-        if sayable(config, spelling, layers):
+        stream = stream_width(module)
+        if sayable(config, spelling, layers) and stream in (None, getattr(config, "hidden_size", None)):
             for key, value in layers[0].items():
                 if key != "head_dim" or spelling.head_dim is not None:
                     setattr(config, key, value)
