@@ -77,10 +77,12 @@ class MaskedOutput(pl.Callback):
 
 
 @pytest.mark.parametrize(("build", "keyword", "pruned"), [
-    (_llama, "input_ids", r"model\.layers\.0\.(self_attn\.[qkv]_proj|mlp\.(gate|up)_proj)"),
+    # the residual stream goes too: o_proj and down_proj produce it (the embedding is no Linear)
+    (_llama, "input_ids", r"model\.layers\.0\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)"),
     (_bert, "input_ids",
-     r"bert\.(encoder\.layer\.0\.(attention\.self\.(query|key|value)|intermediate\.dense)|pooler\.dense)"),
-    (_vit, "pixel_values", r"vit\.layers\.0\.(attention\.(q|k|v)_proj|mlp\.fc1)"),
+     r"bert\.(encoder\.layer\.0\.(attention\.(self\.(query|key|value)|output\.dense)|(intermediate|output)\.dense)"
+     r"|pooler\.dense)"),
+    (_vit, "pixel_values", r"vit\.layers\.0\.(attention\.[qkvo]_proj|mlp\.fc[12])"),
 ], ids=["llama-causal-lm", "bert", "vit"])
 def test_a_hugging_face_model_in_a_lightning_module_prunes_exactly(build, keyword: str, pruned: str) -> None:
     module = HFModule(build, keyword)
