@@ -253,3 +253,22 @@ def test_a_later_uniform_prune_clears_the_per_layer_record(tmp_path):
     assert (model.config.num_attention_heads, model.config.num_key_value_heads) == (2, 1)
     model.save_pretrained(tmp_path)
     assert_outputs_match(_output(model, x), _output(AutoModelForCausalLM.from_pretrained(tmp_path).eval(), x))
+
+
+def test_pruning_rewrites_a_copy_of_the_config_and_leaves_the_callers_object_alone():
+    """A Hugging Face model holds the very config object it was built from: rewriting it in place narrowed every
+    model built from it afterwards (and misdescribed dense ones built before)."""
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    before = config.to_dict()
+    dense, model = LlamaForCausalLM(config), LlamaForCausalLM(config)
+    pruner = lp.SaliencyPruner(sparsity_level=0.5)
+    pruner.prepare(model, None, example_inputs=(torch.randint(0, VOCAB, (1, 8)),), exclude_output=True)
+    pruner.step()
+    pruner.prune()
+    assert config.to_dict() == before and dense.config is config
+    assert model.config is not config and model.model.config is model.config
+    assert all(m.config is model.config for m in model.modules() if hasattr(m, "config"))
+    assert getattr(model.config, LAYERS_KEY)[0]["num_attention_heads"] == 2
+    fresh = LlamaForCausalLM(config)
+    assert fresh.model.layers[0].mlp.gate_proj.weight.shape == (48, 32)

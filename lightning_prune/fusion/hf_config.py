@@ -21,6 +21,7 @@ embedding and ``lightning_prune.from_pretrained`` rebuilds it from the weights' 
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -117,10 +118,21 @@ def stream_width(model: nn.Module) -> int | None:
     return int(projection.weight.shape[0]) if isinstance(projection, nn.Conv2d) else None
 
 
+def own_config(model: nn.Module):
+    """Give ``model`` (and each of its modules that shares it) a copy of its config, and return the copy: the
+    caller's config object, which other models built from it still read, is never rewritten."""
+    shared = model.config
+    copied = copy.deepcopy(shared)
+    for module in model.modules():
+        if getattr(module, "config", None) is shared:
+            module.config = copied
+    return copied
+
+
 def follow_config(root: nn.Module) -> None:
     """Rewrite the config of every Hugging Face model in ``root`` (itself or a child, e.g. inside a
-    LightningModule) to its layers' sizes, as the module docstring says. Models of other families, and configs
-    whose layers cannot be read, are left alone."""
+    LightningModule) to its layers' sizes, as the module docstring says, on a copy of it the model then holds (see
+    :func:`own_config`). Models of other families, and configs whose layers cannot be read, are left alone."""
     seen: set[int] = set()
     for module in root.modules():
         config = getattr(module, "config", None)
@@ -131,6 +143,8 @@ def follow_config(root: nn.Module) -> None:
         layers = layer_sizes(module, spelling) if spelling is not None else []
         if len(layers) != getattr(config, "num_hidden_layers", None):
             continue
+        config = own_config(module)
+        seen.add(id(config))
         stream = stream_width(module)
         if sayable(config, spelling, layers) and stream in (None, getattr(config, "hidden_size", None)):
             for key, value in layers[0].items():
