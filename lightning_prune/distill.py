@@ -70,7 +70,8 @@ class Distillation(Callback):
 
     Raises:
         PruningConfigError: a bad ``alpha``, ``temperature``, ``teacher``, ``module`` or ``logits`` (in ``__init__``);
-            at ``setup``: manual optimization (nothing to add the term to), an unknown ``module``, a dense copy of
+            at ``setup``: manual optimization (nothing to add the term to), a second Distillation on the same
+            LightningModule (one per module), an unknown ``module``, a dense copy of
             a model with channels already pruned; when a checkpoint is restored into a fit with ``teacher="dense"``
             (the copy taken at setup is not the model the run started from: pass the dense model as ``teacher``);
             at the first step (or ``setup``, with ``example_input_array``): a ``training_step`` that calls no
@@ -90,7 +91,7 @@ class Distillation(Callback):
         for name, value in (("alpha", alpha), ("temperature", temperature)):
             if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < math.inf:
                 raise PruningConfigError(f"Distillation: {name} must be a finite number > 0, got {value!r}")
-        if module is not None and not isinstance(module, str):
+        if module is not None and (not isinstance(module, str) or not module):
             raise PruningConfigError(f"Distillation: module must be a submodule name such as 'net' or None, got "
                                      f"{module!r}")
         if logits is not None and not callable(logits):
@@ -107,6 +108,11 @@ class Distillation(Callback):
         self._wrapped: pl.LightningModule | None = None
         self._teacher_bytes = 0
 
+    def __repr__(self) -> str:
+        teacher = "'dense'" if self.dense else type(self.teacher).__name__
+        return (f"Distillation(teacher={teacher}, alpha={self.alpha}, temperature={self.temperature}, "
+                f"module={self.module!r})")
+
     # -- setup --------------------------------------------------------------------------------------------------
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -116,6 +122,11 @@ class Distillation(Callback):
             raise PruningConfigError(
                 "Distillation adds its term to the loss training_step returns, which manual optimization "
                 "(automatic_optimization=False) does not use; optimise automatically or add the loss yourself")
+        other = vars(pl_module).get("training_step")
+        if isinstance(other, _DistilledStep):
+            raise PruningConfigError(
+                f"one Distillation per LightningModule: {other.callback!r} already distils this "
+                f"{type(pl_module).__name__}, so {self!r} cannot; give one callback (one teacher, alpha, temperature)")
         student = self._student(pl_module)
         self._copied_in_this_fit = self.teacher is None
         if self.teacher is None:  # a second fit keeps the teacher of the first
@@ -164,7 +175,8 @@ class Distillation(Callback):
             raise PruningConfigError(
                 "Distillation(teacher='dense') copied the model at setup, before this checkpoint replaced its "
                 "weights, so that copy is not the dense model the run started from. When resuming, pass the dense "
-                "model itself: Distillation(teacher=MyModule.load_from_checkpoint('dense.ckpt'), ...)")
+                f"model itself: Distillation(teacher={type(pl_module).__name__}.load_from_checkpoint('dense.ckpt'), "
+                "...)")
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

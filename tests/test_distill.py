@@ -142,6 +142,7 @@ def test_a_tiny_distillation_run_lowers_the_students_kl(tmp_path):
         ({"temperature": math.inf}, "temperature must be a finite number > 0, got inf"),
         ({"teacher": "sparse"}, "teacher must be 'dense' or an nn.Module, got 'sparse'"),
         ({"module": 3}, "module must be a submodule name such as 'net' or None, got 3"),
+        ({"module": ""}, "module must be a submodule name such as 'net' or None, got ''"),
         ({"logits": "logits"}, "logits must be a function"),
     ],
 )
@@ -174,12 +175,14 @@ class Steps(Callback):
 
 
 def fit_raises(tmp_path, model, distillation, message, example=False):
-    """fit fails with ``message``; with an example input, before any training step ran."""
+    """fit fails with ``message`` (``distillation``: one callback or a list); with an example input, before any
+    training step ran."""
     if example:
         model.example_input_array = torch.randn(2, IN)
     steps = Steps()
+    distillations = distillation if isinstance(distillation, list) else [distillation]
     with pytest.raises(PruningConfigError, match=message):
-        trainer_for(tmp_path, [distillation, steps]).fit(model, loader())
+        trainer_for(tmp_path, [*distillations, steps]).fit(model, loader())
     assert steps.steps == 0
     assert "training_step" not in vars(model) and not model._forward_hooks  # the failed fit left nothing behind
 
@@ -215,6 +218,9 @@ def test_setup_refuses_manual_optimization_an_unknown_module_and_a_pruned_model(
     fit_raises(tmp_path, manual, Distillation(), "manual optimization")
     fit_raises(tmp_path, TinyClassifier(), Distillation(module="body"),
                r"no submodule 'body'; its children are \['net'\]")
+    fit_raises(tmp_path, TinyClassifier(), [Distillation(), Distillation(temperature=2.0)],
+               r"one Distillation per LightningModule: Distillation\(teacher='dense', alpha=1.0, temperature=1.0, "
+               r"module=None\) already distils this TinyClassifier, so Distillation\(.*temperature=2.0")
     prepared = TinyClassifier()
     prune = pruning(0.5)
     prune.pruner.prepare(prepared, None)
@@ -228,7 +234,8 @@ def test_resuming_with_a_dense_copy_is_refused_and_an_explicit_teacher_resumes(t
     trainer = trainer_for(tmp_path, [Distillation()])
     trainer.fit(model, loader())
     trainer.save_checkpoint(tmp_path / "mid.ckpt")
-    with pytest.raises(PruningConfigError, match="pass the dense model itself"):
+    with pytest.raises(PruningConfigError, match=r"pass the dense model itself: "
+                                                 r"Distillation\(teacher=TinyClassifier.load_from_checkpoint"):
         trainer_for(tmp_path, [Distillation()], max_epochs=2).fit(TinyClassifier(), loader(),
                                                                    ckpt_path=tmp_path / "mid.ckpt")
     resumed = TinyClassifier()

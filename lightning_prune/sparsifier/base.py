@@ -63,6 +63,9 @@ class BaseStructuredSparsifier(abc.ABC):
     #: the group keys ``update_mask`` reads. ``None`` (the default, as in the seed) accepts any key; a pruner that
     #: declares its keys gets unknown ones (typos such as ``sparsity_levl``) refused at construction and prepare().
     hyperparameters: ClassVar[frozenset[str] | None] = None
+    #: the declared keys that decide across layers (a scoring pruner's ``allocation``): the pruner's only, so a
+    #: config entry's list of accepted keys does not offer them
+    pruner_wide: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, defaults: dict[str, Any] | None = None, *, sparsity_level: float | None = None,
                  prune_bias: bool | None = None, rules: dict[Any, Rule] | None = None, **kwargs: Any):
@@ -101,12 +104,14 @@ class BaseStructuredSparsifier(abc.ABC):
         if unknown:
             constructing = where == type(self).__name__  # else a config entry, where only group keys go
             keywords = self._constructor_keywords() - self.hyperparameters if constructing else frozenset()
-            close = {k: difflib.get_close_matches(k, self.hyperparameters | keywords, n=1) for k in unknown}
+            accepted = self.hyperparameters if constructing else self.hyperparameters - self.pruner_wide
+            close = {k: difflib.get_close_matches(k, accepted | keywords, n=1) for k in unknown}
             hints = "".join(f" ('{k}': did you mean '{c[0]}'?)" for k, c in close.items() if c)
             also = f", and as constructor keywords {sorted(keywords)}" if keywords else ""
+            inside = "" if constructing else " in a config entry"
             raise PruningConfigError(
-                f"{where}: unknown hyper-parameter(s) {unknown}{hints}; {type(self).__name__} accepts "
-                f"{sorted(self.hyperparameters)}{also}"
+                f"{where}: unknown hyper-parameter(s) {unknown}{hints}; {type(self).__name__} accepts{inside} "
+                f"{sorted(accepted)}{also}"
             )
 
     @classmethod

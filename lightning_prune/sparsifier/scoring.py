@@ -51,6 +51,7 @@ class ScoringPruner(BaseStructuredSparsifier):
     """
 
     hyperparameters = frozenset({"sparsity_level", "prune_bias", "allocation"})
+    pruner_wide = frozenset({"allocation"})
     #: whether a row's score depends on the other rows (FPGM's distances do; a norm does not)
     rows_interact = False
     #: whether scores are in the same units in every layer (Taylor's are loss changes), so a class sums its members'
